@@ -1,0 +1,23 @@
+# `make run` and `make test` set everything up on first use: a virtualenv in .venv with the
+# CPU build of torch (pinned: an unpinned torch pulls a multi-GB CUDA build) and this package.
+VENV ?= .venv
+BIN := $(VENV)/bin
+READY := $(VENV)/.installed
+
+.PHONY: run test clean
+
+run: $(READY)
+	$(BIN)/t2i-orchestrator
+
+test: $(READY)
+	$(BIN)/pytest
+
+$(READY): setup.cfg setup.py constraints.txt
+	python3 -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[orchestrator,test]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

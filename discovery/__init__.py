@@ -1,0 +1,1 @@
+"""How the gateway finds orchestrators (static list, registry file). Filled in by the gateway work."""

@@ -1,0 +1,52 @@
+"""Every Prometheus metric of both daemons, declared in one place on an injected registry.
+
+Each daemon builds its metrics object with its own ``CollectorRegistry`` (tests build a fresh
+one each time), and ``setup`` serves that registry at ``GET /metrics``.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.aiohttp import make_aiohttp_handler
+
+# Generation takes seconds to minutes; the client library's default buckets stop at 10 s.
+GENERATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
+
+
+class OrchestratorMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        ns = "t2i_orchestrator"
+        self.requests = Counter(
+            "requests", "Text-to-image requests answered, by HTTP status.", ["status"], namespace=ns, registry=self.registry
+        )
+        self.queue_depth = Gauge(
+            "queue_depth", "Requests waiting for the device.", namespace=ns, registry=self.registry
+        )
+        self.in_flight = Gauge(
+            "in_flight", "Requests being generated on the device.", namespace=ns, registry=self.registry
+        )
+        self.queue_wait = Histogram(
+            "queue_wait_seconds", "Time a request waited for the device.", ["model"],
+            buckets=GENERATION_BUCKETS, namespace=ns, registry=self.registry,
+        )
+        self.inference = Histogram(
+            "inference_seconds", "Time spent generating one request's images (model load excluded).", ["model"],
+            buckets=GENERATION_BUCKETS, namespace=ns, registry=self.registry,
+        )
+        self.model_load = Histogram(
+            "model_load_seconds", "Time spent loading a model (and warming it up).", ["model"],
+            buckets=GENERATION_BUCKETS, namespace=ns, registry=self.registry,
+        )
+        self.images = Counter(
+            "images_generated", "Images generated.", ["model"], namespace=ns, registry=self.registry
+        )
+        self.loaded_models = Gauge(
+            "loaded_models", "Models loaded on the device.", namespace=ns, registry=self.registry
+        )
+
+
+def setup(app: web.Application, registry: CollectorRegistry) -> None:
+    """Serve ``registry`` at ``GET /metrics``."""
+    app.router.add_get("/metrics", make_aiohttp_handler(registry))

@@ -1,0 +1,125 @@
+"""Command-line flags that can also come from a config file and from the environment.
+
+Each daemon declares its options once (``Option``); ``load_options`` builds the argparse parser
+from them and resolves every value with the precedence: command line, then environment
+(``<PREFIX>_<NAME>``, e.g. ``T2I_ORCHESTRATOR_PORT``), then the ``--config`` file (TOML or JSON,
+keys as the flag names with ``_`` or ``-``), then the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tomllib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(Exception):
+    """A configuration value that cannot be used; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str  # the flag without dashes, with '-' between words
+    help: str
+    type: Callable[[str], Any] = str
+    default: Any = None
+    repeat: bool = False  # may be given several times; from the environment: comma-separated
+    flag: bool = False  # a boolean switch: --name / --no-name
+
+    @property
+    def dest(self) -> str:
+        return self.name.replace("-", "_")
+
+
+def parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def load_options(
+    prog: str, description: str, options: Sequence[Option], argv: Sequence[str] | None, env_prefix: str
+) -> dict[str, Any]:
+    """Resolve every option; raises ``ConfigError`` for a bad value, exits on a bad flag (argparse)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", type=Path, help=f"TOML or JSON file with any of the options below (env {env_prefix}_CONFIG)")
+    for option in options:
+        env = f"{env_prefix}_{option.dest.upper()}"
+        help_text = f"{option.help} (env {env}; default: {option.default!r})"
+        if option.flag:
+            parser.add_argument(f"--{option.name}", action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif option.repeat:
+            parser.add_argument(f"--{option.name}", action="append", type=str, default=None, help=help_text)
+        else:
+            parser.add_argument(f"--{option.name}", type=str, default=None, help=help_text)
+    args = parser.parse_args(argv)
+    config_path = args.config or os.environ.get(f"{env_prefix}_CONFIG")
+    from_file = _read_config_file(Path(config_path)) if config_path else {}
+    known = {option.dest for option in options}
+    unknown = sorted(set(from_file) - known)
+    if unknown:
+        raise ConfigError(f"{config_path}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+
+    values: dict[str, Any] = {}
+    for option in options:
+        env = f"{env_prefix}_{option.dest.upper()}"
+        raw: Any = getattr(args, option.dest)
+        source = f"--{option.name}"
+        if raw is None and env in os.environ:
+            raw, source = os.environ[env], env
+            if option.repeat:
+                raw = [item.strip() for item in raw.split(",") if item.strip()]
+        if raw is None and option.dest in from_file:
+            raw, source = from_file[option.dest], f"{config_path}: {option.dest}"
+        if raw is None:
+            values[option.dest] = option.default
+            continue
+        values[option.dest] = _convert(option, raw, source)
+    return values
+
+
+def _convert(option: Option, raw: Any, source: str) -> Any:
+    convert = parse_bool if option.flag else option.type
+    items = raw if isinstance(raw, list) else [raw]
+    try:
+        if isinstance(raw, list) and not option.repeat:
+            raise ValueError("expected one value, got a list")
+        converted = [item if option.flag and isinstance(item, bool) else convert(str(item)) for item in items]
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    return converted if option.repeat else converted[0]
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"config file {path} is not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a table of options")
+    return {key.replace("-", "_"): value for key, value in data.items()}
+
+
+def positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    """A converter that also insists the number is above zero."""
+
+    def convert(text: str) -> Any:
+        value = kind(text)
+        if value <= 0:
+            raise ValueError(f"must be above 0, got {text}")
+        return value
+
+    convert.__name__ = f"positive {kind.__name__}"
+    return convert

@@ -1,0 +1,102 @@
+"""One error vocabulary for both daemons, rendered in one middleware.
+
+The wire shapes are the Livepeer runner's, so existing clients can parse them:
+``{"detail": {"msg": "..."}}`` for most errors and, for invalid fields (422),
+``{"detail": [{"loc": ["body", "<field>"], "msg": "...", "type": "..."}]}``.
+
+    APIError
+    ├── BadRequest            400  malformed JSON, unknown model, LoRA that cannot be loaded
+    ├── Unauthorized          401  missing or wrong bearer token
+    ├── NotFound              404  unknown route, unknown or expired image
+    ├── InvalidFields         422  one entry per offending field
+    ├── InternalError         500  generation failed (CUDA out of memory, ...)
+    └── ServiceUnavailable    503  queue full, still loading, shutting down (with Retry-After)
+
+aiohttp's own HTTP errors (unknown route 404, wrong method 405, body too large 413) get the same shape.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+from aiohttp import web
+
+logger = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    status = 500
+
+    def __init__(self, message: str, *, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = dict(headers or {})
+
+    def body(self) -> dict[str, Any]:
+        return {"detail": {"msg": self.message}}
+
+
+class BadRequest(APIError):
+    status = 400
+
+
+class Unauthorized(APIError):
+    status = 401
+
+    def __init__(self, message: str = "Missing or invalid 'Authorization: Bearer <token>' header.") -> None:
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+
+
+class NotFound(APIError):
+    status = 404
+
+
+class InternalError(APIError):
+    status = 500
+
+
+class ServiceUnavailable(APIError):
+    status = 503
+
+    def __init__(self, message: str, *, retry_after: int = 1) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after)})
+
+
+class InvalidFields(APIError):
+    status = 422
+
+    def __init__(self, problems: Sequence[tuple[str, str, str]]) -> None:
+        """``problems`` holds one ``(field, message, type)`` per offending field."""
+        super().__init__("; ".join(f"{field}: {msg}" for field, msg, _ in problems))
+        self.problems = list(problems)
+
+    def body(self) -> dict[str, Any]:
+        return {"detail": [{"loc": ["body", field], "msg": msg, "type": kind} for field, msg, kind in self.problems]}
+
+
+def error_response(error: APIError) -> web.Response:
+    return web.json_response(error.body(), status=error.status, headers=error.headers)
+
+
+@web.middleware
+async def error_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Render every failure in the wire shape; nothing unexpected reaches a client as a traceback."""
+    try:
+        return await handler(request)
+    except APIError as error:
+        return error_response(error)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        # aiohttp's own errors (unknown route, wrong method, body too large) in our shape.
+        message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
+        error = APIError(message, headers={k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")})
+        error.status = exc.status
+        return error_response(error)
+    except Exception:
+        logger.exception("unhandled error in %s %s", request.method, request.path)
+        return error_response(InternalError("Internal server error; the node's log has the details."))

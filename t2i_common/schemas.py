@@ -1,0 +1,203 @@
+"""The public text-to-image request: validated with marshmallow at the edge, a frozen dataclass inside.
+
+Both daemons validate with the schema built here (the gateway before it forwards, the node again
+before it generates), so the contract is written once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from marshmallow import Schema, ValidationError, fields, post_load, validate, validates_schema
+
+from .errors import BadRequest, InvalidFields
+
+MAX_SEED = 2**32 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds on what one request may ask for; each daemon takes them from its configuration."""
+
+    min_size: int = 64
+    max_size: int = 2048
+    max_pixels: int = 2048 * 2048  # width x height x images, so that one request cannot exhaust a node
+    max_steps: int = 100
+    max_images: int = 8
+    max_prompt_length: int = 2000
+    max_guidance: float = 30.0
+    max_loras: int = 4
+    max_lora_weight: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class TextToImageRequest:
+    """A validated request. ``None`` means "the model's default" (see the model profiles)."""
+
+    prompt: str
+    model_id: str = ""
+    width: int = 512
+    height: int = 512
+    guidance_scale: float | None = None
+    negative_prompt: str = ""
+    safety_check: bool = True
+    seed: int | None = None
+    num_inference_steps: int | None = None
+    num_images_per_prompt: int = 1
+    loras: tuple[tuple[str, float], ...] = field(default=())
+
+
+# pydantic-style type names in 422 details, for clients written against the Livepeer runner.
+_ERROR_TYPES = {
+    "Missing data for required field.": "missing",
+    "Unknown field.": "extra_forbidden",
+    "Field may not be null.": "none_forbidden",
+    "Not a valid integer.": "int_type",
+    "Not a valid number.": "float_type",
+    "Not a valid string.": "string_type",
+    "Not a valid boolean.": "bool_type",
+}
+
+
+def build_request_schema(limits: Limits) -> Schema:
+    """A schema instance for ``limits``; ``load`` returns a ``TextToImageRequest``."""
+
+    class TextToImageSchema(Schema):
+        class Meta:
+            ordered = True
+
+        prompt = fields.String(
+            required=True,
+            validate=validate.Length(min=1, max=limits.max_prompt_length),
+            metadata={"description": "What to draw."},
+        )
+        model_id = fields.String(
+            load_default="",
+            validate=validate.Length(max=256),
+            metadata={"description": "Model to use; empty or absent means the default model."},
+        )
+        width = fields.Integer(
+            strict=True,
+            load_default=512,
+            validate=validate.Range(min=limits.min_size, max=limits.max_size),
+            metadata={"description": "Image width in pixels, a multiple of 8."},
+        )
+        height = fields.Integer(
+            strict=True,
+            load_default=512,
+            validate=validate.Range(min=limits.min_size, max=limits.max_size),
+            metadata={"description": "Image height in pixels, a multiple of 8."},
+        )
+        guidance_scale = fields.Float(
+            load_default=None,
+            validate=validate.Range(min=0.0, max=limits.max_guidance),
+            metadata={"description": "Classifier-free guidance; absent means the model's default."},
+        )
+        negative_prompt = fields.String(
+            load_default="",
+            validate=validate.Length(max=limits.max_prompt_length),
+            metadata={"description": "What not to draw (ignored when guidance is below 1)."},
+        )
+        safety_check = fields.Boolean(
+            load_default=True, metadata={"description": "Run the safety checker and report `nsfw`."}
+        )
+        seed = fields.Integer(
+            strict=True,
+            load_default=None,
+            validate=validate.Range(min=0, max=MAX_SEED),
+            metadata={"description": "Seed of the first image; image i uses seed + i. Random when absent."},
+        )
+        num_inference_steps = fields.Integer(
+            strict=True,
+            load_default=None,
+            validate=validate.Range(min=1, max=limits.max_steps),
+            metadata={"description": "Denoising steps; absent means the model's default."},
+        )
+        num_images_per_prompt = fields.Integer(
+            strict=True,
+            load_default=1,
+            validate=validate.Range(min=1, max=limits.max_images),
+            metadata={"description": "How many images to generate."},
+        )
+        loras = fields.String(
+            load_default="",
+            metadata={"description": 'LoRA adapters as a JSON object in a string: `{"repo/id": weight}`.'},
+        )
+
+        @validates_schema(skip_on_field_errors=False)
+        def _check_combination(self, data: dict[str, Any], **_: Any) -> None:
+            errors: dict[str, str] = {}
+            for name in ("width", "height"):
+                if isinstance(data.get(name), int) and data[name] % 8:
+                    errors[name] = f"Must be a multiple of 8, got {data[name]}."
+            if not errors and all(isinstance(data.get(k), int) for k in ("width", "height", "num_images_per_prompt")):
+                pixels = data["width"] * data["height"] * data["num_images_per_prompt"]
+                if pixels > limits.max_pixels:
+                    errors["num_images_per_prompt"] = (
+                        f"width x height x num_images_per_prompt is {pixels} pixels, over the limit of "
+                        f"{limits.max_pixels}; ask for fewer or smaller images."
+                    )
+            if isinstance(data.get("loras"), str):
+                try:
+                    _parse_loras(data["loras"], limits)
+                except ValueError as exc:
+                    errors["loras"] = str(exc)
+            if errors:
+                raise ValidationError(errors)
+
+        @post_load
+        def _to_request(self, data: dict[str, Any], **_: Any) -> TextToImageRequest:
+            return TextToImageRequest(**{**data, "loras": _parse_loras(data["loras"], limits)})
+
+    return TextToImageSchema()
+
+
+def _parse_loras(text: str, limits: Limits) -> tuple[tuple[str, float], ...]:
+    if not text.strip():
+        return ()
+    try:
+        loras = json.loads(text)
+    except ValueError:
+        raise ValueError('Must be a JSON object in a string, like "{\\"repo/id\\": 1.0}".') from None
+    if not isinstance(loras, dict):
+        raise ValueError('Must be a JSON object mapping LoRA ids to weights, like "{\\"repo/id\\": 1.0}".')
+    if len(loras) > limits.max_loras:
+        raise ValueError(f"At most {limits.max_loras} LoRAs per request, got {len(loras)}.")
+    parsed = []
+    for lora_id, weight in loras.items():
+        if not lora_id.strip() or len(lora_id) > 256:
+            raise ValueError("LoRA ids must be non-empty and at most 256 characters.")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise ValueError(f"The weight of {lora_id!r} must be a number, got {weight!r}.")
+        if not 0 <= weight <= limits.max_lora_weight:
+            raise ValueError(f"The weight of {lora_id!r} must be between 0 and {limits.max_lora_weight}, got {weight}.")
+        parsed.append((lora_id, float(weight)))
+    return tuple(parsed)
+
+
+def parse_request(body: bytes, schema: Schema) -> TextToImageRequest:
+    """Decode and validate a request body, raising the API's 400 or 422 errors."""
+    try:
+        data = json.loads(body)
+    except ValueError as exc:
+        raise BadRequest(f"The body is not valid JSON: {exc}.") from None
+    if not isinstance(data, dict):
+        raise BadRequest("The body must be a JSON object with at least a 'prompt' field.")
+    try:
+        request: TextToImageRequest = schema.load(data)
+    except ValidationError as exc:
+        raise InvalidFields(_problems(exc.normalized_messages())) from None
+    return request
+
+
+def _problems(messages: dict[str, Any]) -> list[tuple[str, str, str]]:
+    problems = []
+    for name, value in messages.items():
+        texts = value if isinstance(value, list) else [value]
+        for text in texts:
+            text = str(text)
+            problems.append((name, text, _ERROR_TYPES.get(text, "value_error")))
+    return problems

@@ -1,0 +1,1 @@
+"""``t2i-gateway``: the public entry point in front of the orchestrators."""

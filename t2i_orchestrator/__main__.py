@@ -1,0 +1,52 @@
+"""Entry point of ``t2i-orchestrator``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from t2i_common.config import ConfigError
+
+from .config import OrchestratorConfig, load_config
+
+logger = logging.getLogger("t2i_orchestrator")
+
+
+def build_app(config: OrchestratorConfig) -> web.Application:
+    """The real node: diffusers on the configured device (imports torch, which takes seconds)."""
+    # Idle OpenMP threads spin by default, which starves other processes sharing a small machine.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from .app import create_app
+    from .diffusers_engine import DiffusersEngine
+
+    engine = DiffusersEngine(
+        config.models,
+        device=config.device,
+        cache_dir=config.cache_dir,
+        lora_dir=config.lora_dir,
+        max_loaded_models=config.max_loaded_models,
+        threads=config.threads,
+    )
+    return create_app(config, engine=engine)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    try:
+        config = load_config(argv)
+        logging.basicConfig(
+            level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+        )
+        app = build_app(config)
+    except ConfigError as exc:
+        sys.exit(f"t2i-orchestrator: {exc}")
+    logger.info("serving %s on http://%s:%d", ", ".join(m.model_id for m in config.models), config.host, config.port)
+    # handler_cancellation: a client that goes away cancels its handler, which stops the generation.
+    web.run_app(app, host=config.host, port=config.port, handler_cancellation=True, print=None)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,242 @@
+"""The orchestrator's HTTP application: the Livepeer text-to-image API in front of one device."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+from marshmallow import Schema
+
+import metrics
+from metrics import OrchestratorMetrics
+from t2i_common import __version__
+from t2i_common.errors import BadRequest, NotFound, ServiceUnavailable, Unauthorized, error_middleware
+from t2i_common.schemas import MAX_SEED, TextToImageRequest, build_request_schema, parse_request
+
+from .config import OrchestratorConfig
+from .device import DeviceQueue, StopCheck
+from .engine import GeneratedImage, InferenceEngine
+from .storage import IMAGE_ID_PATTERN, IMAGE_NAME_PATTERN, ImageStore
+
+logger = logging.getLogger(__name__)
+
+PUBLIC_PATHS = frozenset({"/health", "/metrics"})
+WARM_UP_REQUEST = TextToImageRequest(prompt="warm-up", width=256, height=256, safety_check=False)
+
+
+@dataclass
+class Readiness:
+    """Whether the warm models are loaded; ``/health`` reports it."""
+
+    status: str = "loading"  # loading -> ready, or error
+    error: str | None = None
+
+
+CONFIG = web.AppKey("config", OrchestratorConfig)
+ENGINE = web.AppKey[InferenceEngine]("engine")
+METRICS = web.AppKey("metrics", OrchestratorMetrics)
+DEVICE = web.AppKey("device", DeviceQueue)
+STORE = web.AppKey("store", ImageStore)
+READINESS = web.AppKey("readiness", Readiness)
+SCHEMA = web.AppKey("schema", Schema)
+
+
+def create_app(
+    config: OrchestratorConfig, *, engine: InferenceEngine, metrics_: OrchestratorMetrics | None = None
+) -> web.Application:
+    """Build the node's application; ``engine`` is the real ``DiffusersEngine`` or a test fake."""
+    app = web.Application(middlewares=[_count_requests, error_middleware, _require_secret(config.secret)])
+    app[CONFIG] = config
+    app[ENGINE] = engine
+    app[METRICS] = metrics_ or OrchestratorMetrics()
+    app[STORE] = ImageStore(config.storage_dir, config.image_ttl_s)
+    app[READINESS] = Readiness()
+    app[SCHEMA] = build_request_schema(config.limits)
+    app.cleanup_ctx.extend([_device_queue, _warm_models, _image_sweeper])
+    app.router.add_post("/text-to-image", text_to_image)
+    app.router.add_post("/text-to-image/", text_to_image)  # Livepeer's runner accepts both
+    app.router.add_get(f"/stream/{{image_id:{IMAGE_ID_PATTERN}}}/{{name:{IMAGE_NAME_PATTERN}}}.png", stream_image)
+    app.router.add_get("/capabilities", capabilities)
+    app.router.add_get("/health", health)
+    metrics.setup(app, app[METRICS].registry)
+    return app
+
+
+# -- resources ---------------------------------------------------------------------------------
+
+
+async def _device_queue(app: web.Application) -> AsyncIterator[None]:
+    device = DeviceQueue(app[METRICS], max_queue=app[CONFIG].max_queue)
+    app[DEVICE] = device
+    yield
+    await asyncio.to_thread(device.shutdown)
+    await asyncio.to_thread(app[ENGINE].unload_all)
+
+
+async def _warm_models(app: web.Application) -> AsyncIterator[None]:
+    """Load warm models in the background, so that /health can say "loading" meanwhile."""
+    task = asyncio.create_task(_load_warm_models(app))
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _load_warm_models(app: web.Application) -> None:
+    readiness = app[READINESS]
+    engine = app[ENGINE]
+    try:
+        for spec in app[CONFIG].models:
+            if spec.warm:
+                # Load and generate once, so that the first real request pays for no lazy set-up.
+                await _run_on_device(app, spec.model_id, lambda stop, m=spec.model_id: engine.generate(WARM_UP_REQUEST, m, 0, stop))
+                logger.info("model %s is warm", spec.model_id)
+    except Exception as exc:
+        logger.exception("loading the warm models failed")
+        readiness.status, readiness.error = "error", f"loading the warm models failed: {exc}"
+        return
+    readiness.status = "ready"
+    logger.info("ready: %s on %s", ", ".join(engine.loaded_models()) or "no warm models", engine.device)
+
+
+async def _image_sweeper(app: web.Application) -> AsyncIterator[None]:
+    store = app[STORE]
+
+    async def sweep_forever() -> None:
+        while True:
+            try:
+                removed = await store.sweep()
+                if removed:
+                    logger.info("swept %d expired image folder(s)", removed)
+            except Exception:
+                logger.exception("sweeping expired images failed")
+            await asyncio.sleep(min(60.0, store.ttl_s / 2))
+
+    task = asyncio.create_task(sweep_forever())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+# -- handlers ----------------------------------------------------------------------------------
+
+
+async def text_to_image(request: web.Request) -> web.Response:
+    app = request.app
+    job = parse_request(await request.read(), app[SCHEMA])
+    model_id = _resolve_model(app[CONFIG], job.model_id)
+    seed = job.seed if job.seed is not None else secrets.randbelow(MAX_SEED + 1)
+    engine = app[ENGINE]
+    images = await _run_on_device(app, model_id, lambda stop: engine.generate(job, model_id, seed, stop))
+    app[METRICS].images.labels(model_id).inc(len(images))
+    image_id, names = await app[STORE].save([image.png for image in images])
+    base = app[CONFIG].advertise_url or f"{request.scheme}://{request.host}"
+    return web.json_response(
+        {
+            "images": [
+                {"url": f"{base}/stream/{image_id}/{name}.png", "seed": image.seed, "nsfw": image.nsfw}
+                for name, image in zip(names, images)
+            ]
+        }
+    )
+
+
+async def stream_image(request: web.Request) -> web.StreamResponse:
+    store = request.app[STORE]
+    path = await store.find(request.match_info["image_id"], request.match_info["name"])
+    if path is None:
+        raise NotFound("Image not found: it never existed or it has expired.")
+    return web.FileResponse(
+        path, headers={"Content-Type": "image/png", "Cache-Control": f"private, max-age={int(store.ttl_s)}"}
+    )
+
+
+async def capabilities(request: web.Request) -> web.Response:
+    app = request.app
+    config, device, engine = app[CONFIG], app[DEVICE], app[ENGINE]
+    loaded = set(engine.loaded_models())
+    return web.json_response(
+        {
+            "node_id": config.node_id,
+            "version": __version__,
+            "device": engine.device,
+            "status": app[READINESS].status,
+            "capacity": device.capacity,
+            "in_flight": device.running,
+            "queued": device.waiting,
+            "models": [
+                {"model_id": s.model_id, "pipeline": s.pipeline, "warm": s.warm, "loaded": s.model_id in loaded}
+                for s in config.models
+            ],
+        }
+    )
+
+
+async def health(request: web.Request) -> web.Response:
+    readiness = request.app[READINESS]
+    body = {"status": readiness.status} | ({"detail": {"msg": readiness.error}} if readiness.error else {})
+    return web.json_response(body, status=200 if readiness.status == "ready" else 503)
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def _resolve_model(config: OrchestratorConfig, model_id: str) -> str:
+    """An empty model id means the node's default: its first warm model, else its first."""
+    offered = [spec.model_id for spec in config.models]
+    if not model_id:
+        return next((spec.model_id for spec in config.models if spec.warm), offered[0])
+    if model_id not in offered:
+        raise BadRequest(f"Model {model_id!r} is not offered by this node; it offers: {', '.join(offered)}.")
+    return model_id
+
+
+async def _run_on_device(
+    app: web.Application, model_id: str, generate: Callable[[StopCheck], list[GeneratedImage]]
+) -> list[GeneratedImage]:
+    """Load ``model_id`` if needed, then ``generate``, on the device thread, timing both."""
+    engine, metrics_ = app[ENGINE], app[METRICS]
+
+    def work(stop: StopCheck) -> list[GeneratedImage]:
+        started = time.monotonic()
+        if engine.load(model_id):
+            metrics_.model_load.labels(model_id).observe(time.monotonic() - started)
+            metrics_.loaded_models.set(len(engine.loaded_models()))
+        started = time.monotonic()
+        images = generate(stop)
+        metrics_.inference.labels(model_id).observe(time.monotonic() - started)
+        return images
+
+    return await app[DEVICE].run(work, label=model_id)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def _count_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
+    response = await handler(request)
+    if request.path.rstrip("/") == "/text-to-image":
+        request.app[METRICS].requests.labels(str(response.status)).inc()
+    return response
+
+
+def _require_secret(secret: str | None) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    expected = f"Bearer {secret}".encode()
+
+    @web.middleware
+    async def require_secret(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if secret and request.path not in PUBLIC_PATHS:
+            if not hmac.compare_digest(request.headers.get("Authorization", "").encode(), expected):
+                raise Unauthorized()
+        return await handler(request)
+
+    return require_secret

@@ -1,0 +1,102 @@
+"""The orchestrator's configuration: flags, environment (``T2I_ORCHESTRATOR_*``) and a config file."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from t2i_common.config import ConfigError, Option, load_options, positive
+from t2i_common.schemas import Limits
+
+from .demo_model import DEMO_MODEL_ID
+from .models import ModelSpec, check_unique, load_models_file
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "t2i"
+
+
+_LIMITS = Limits()
+
+OPTIONS = (
+    Option("host", "address to listen on", default="127.0.0.1"),
+    Option("port", "port to listen on", type=int, default=8936),
+    Option("models", "models file (JSON list in the shape of Livepeer's aiModels.json)", type=Path),
+    Option("model", f"a warm model id (repeatable); with neither this nor --models: {DEMO_MODEL_ID}", repeat=True),
+    Option("device", "auto, cpu, cuda or cuda:N", default="auto"),
+    Option("storage-dir", "folder for generated images (default: <cache-dir>/images/<port>)", type=Path),
+    Option("image-ttl", "seconds an image stays downloadable", type=positive(float), default=3600.0),
+    Option("max-queue", "requests that may wait for the device; beyond: 503 with Retry-After", type=int, default=8),
+    Option("max-loaded-models", "models kept loaded; least recently used on-demand ones are evicted", type=positive(int), default=2),
+    Option("secret", "require 'Authorization: Bearer <secret>' on every endpoint but /health and /metrics"),
+    Option("threads", "torch CPU threads (default: torch's choice, with passive OpenMP waiting)", type=positive(int)),
+    Option("cache-dir", "where the demo model is built (default: $XDG_CACHE_HOME/t2i or ~/.cache/t2i)", type=Path),
+    Option("lora-dir", "folder of LoRA adapters that requests may name (besides Hugging Face repo ids)", type=Path),
+    Option("advertise-url", "base URL of this node in image URLs (default: the URL the request came to)"),
+    Option("node-id", "name of this node in /capabilities (default: <hostname>:<port>)"),
+    Option("max-size", "largest width or height", type=positive(int), default=_LIMITS.max_size),
+    Option("max-pixels", "largest width x height x num_images_per_prompt", type=positive(int), default=_LIMITS.max_pixels),
+    Option("max-steps", "largest num_inference_steps", type=positive(int), default=_LIMITS.max_steps),
+    Option("max-images", "largest num_images_per_prompt", type=positive(int), default=_LIMITS.max_images),
+    Option("log-level", "debug, info, warning or error", default="info"),
+)
+
+
+@dataclass(frozen=True)
+class OrchestratorConfig:
+    models: tuple[ModelSpec, ...] = (ModelSpec(DEMO_MODEL_ID, warm=True),)
+    host: str = "127.0.0.1"
+    port: int = 8936
+    device: str = "auto"
+    storage_dir: Path = field(default_factory=lambda: default_cache_dir() / "images" / "8936")
+    image_ttl_s: float = 3600.0
+    max_queue: int = 8
+    max_loaded_models: int = 2
+    secret: str | None = None
+    threads: int | None = None
+    cache_dir: Path = field(default_factory=default_cache_dir)
+    lora_dir: Path | None = None
+    advertise_url: str | None = None
+    node_id: str = ""
+    limits: Limits = Limits()
+    log_level: str = "info"
+
+
+def load_config(argv: Sequence[str] | None = None) -> OrchestratorConfig:
+    values = load_options(
+        "t2i-orchestrator", "A text-to-image node: diffusers models behind the Livepeer AI API.", OPTIONS, argv, "T2I_ORCHESTRATOR"
+    )
+    specs: list[ModelSpec] = load_models_file(values["models"]) if values["models"] else []
+    specs += [ModelSpec(model_id, warm=True) for model_id in values["model"] or []]
+    if not specs:
+        specs = [ModelSpec(DEMO_MODEL_ID, warm=True)]
+    check_unique(specs, "--models/--model")
+    if values["max_queue"] < 0:
+        raise ConfigError(f"--max-queue must be 0 or more, got {values['max_queue']}")
+    cache_dir = values["cache_dir"] or default_cache_dir()
+    return OrchestratorConfig(
+        models=tuple(specs),
+        host=values["host"],
+        port=values["port"],
+        device=values["device"],
+        storage_dir=values["storage_dir"] or cache_dir / "images" / str(values["port"]),
+        image_ttl_s=values["image_ttl"],
+        max_queue=values["max_queue"],
+        max_loaded_models=values["max_loaded_models"],
+        secret=values["secret"],
+        threads=values["threads"],
+        cache_dir=cache_dir,
+        lora_dir=values["lora_dir"],
+        advertise_url=values["advertise_url"].rstrip("/") if values["advertise_url"] else None,
+        node_id=values["node_id"] or f"{socket.gethostname()}:{values['port']}",
+        limits=Limits(
+            max_size=values["max_size"],
+            max_pixels=values["max_pixels"],
+            max_steps=values["max_steps"],
+            max_images=values["max_images"],
+        ),
+        log_level=values["log_level"],
+    )

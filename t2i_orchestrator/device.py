@@ -1,0 +1,85 @@
+"""The node's one device thread and the bounded queue in front of it.
+
+All model work (loading, inference, PNG encoding) runs on a single dedicated thread per device:
+never on the event loop, never in the default executor (which aiohttp's DNS resolver shares), and
+never two jobs at once on one pipeline (diffusers schedulers are not thread-safe).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+from metrics import OrchestratorMetrics
+from t2i_common.errors import ServiceUnavailable
+
+T = TypeVar("T")
+StopCheck = Callable[[], bool]
+
+
+class DeviceQueue:
+    """Runs jobs on the device thread one at a time, with at most ``max_queue`` waiting behind."""
+
+    def __init__(self, metrics: OrchestratorMetrics, *, max_queue: int, name: str = "t2i-device") -> None:
+        self.max_queue = max_queue
+        self.waiting = 0
+        self.running = 0
+        self._metrics = metrics
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._turn = asyncio.Lock()
+        self._typical_job_s = 1.0  # moving average, for Retry-After
+
+    @property
+    def capacity(self) -> int:
+        """Requests the node holds at once: one on the device, the rest waiting."""
+        return 1 + self.max_queue
+
+    async def run(self, work: Callable[[StopCheck], T], *, label: str) -> T:
+        """Run ``work(should_stop)`` on the device thread; 503 at once when the queue is full.
+
+        If the awaiting task is cancelled (the client went away), ``should_stop`` turns true, and
+        the device is held until the job has noticed, so the counts stay true.
+        """
+        if self.waiting + self.running >= self.capacity:
+            wait_s = self._typical_job_s * (self.waiting + self.running)
+            raise ServiceUnavailable(
+                f"This node is busy: {self.running} request(s) generating and {self.waiting} waiting "
+                f"(limit {self.max_queue}); retry later or elsewhere.",
+                retry_after=max(1, min(60, math.ceil(wait_s))),
+            )
+        queued_at = time.monotonic()
+        self._set_waiting(+1)
+        try:
+            await self._turn.acquire()
+        finally:
+            self._set_waiting(-1)
+        self._metrics.queue_wait.labels(label).observe(time.monotonic() - queued_at)
+        stop = threading.Event()
+        self.running += 1
+        self._metrics.in_flight.set(self.running)
+        started = time.monotonic()
+        try:
+            future = asyncio.get_running_loop().run_in_executor(self._executor, work, stop.is_set)
+            try:
+                return await asyncio.shield(future)
+            except asyncio.CancelledError:
+                stop.set()
+                await asyncio.wait([future])
+                raise
+        finally:
+            self._typical_job_s = 0.8 * self._typical_job_s + 0.2 * (time.monotonic() - started)
+            self.running -= 1
+            self._metrics.in_flight.set(self.running)
+            self._turn.release()
+
+    def _set_waiting(self, delta: int) -> None:
+        self.waiting += delta
+        self._metrics.queue_depth.set(self.waiting)
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)

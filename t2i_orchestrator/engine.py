@@ -1,0 +1,55 @@
+"""The seam between the HTTP node and the model code: a small Protocol, without torch.
+
+``DiffusersEngine`` (``diffusers_engine.py``) is the real implementation; tests may use fakes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from t2i_common.errors import InternalError
+from t2i_common.schemas import TextToImageRequest
+
+
+@dataclass(frozen=True, slots=True)
+class GeneratedImage:
+    png: bytes
+    seed: int
+    nsfw: bool
+
+
+class GenerationCancelled(Exception):
+    """The request's client went away; generation stopped at a denoising step."""
+
+
+class OutOfMemory(InternalError):
+    """The device ran out of memory; its cache was freed and the node keeps serving."""
+
+
+class InferenceEngine(Protocol):
+    """Loads models and generates images.
+
+    Threading contract: ``load``, ``unload_all`` and ``generate`` block and are only ever called from
+    the node's one device thread, one call at a time, so an implementation needs no locks.
+    ``device`` and ``loaded_models`` are read from the event loop and must be cheap snapshots.
+    """
+
+    device: str
+
+    def loaded_models(self) -> tuple[str, ...]: ...
+
+    def load(self, model_id: str) -> bool:
+        """Make ``model_id`` ready (a no-op when it is loaded); True if it was loaded by this call."""
+        ...
+
+    def generate(self, request: TextToImageRequest, model_id: str, seed: int, should_stop: Callable[[], bool]) -> list[GeneratedImage]:
+        """Generate ``request.num_images_per_prompt`` PNGs, image i with seed ``seed + i``.
+
+        Raises ``GenerationCancelled`` once ``should_stop()`` turns true, ``OutOfMemory`` when the
+        device runs out of memory, and other ``APIError``s for problems the client can act on.
+        """
+        ...
+
+    def unload_all(self) -> None: ...

@@ -1,0 +1,84 @@
+"""Generated images on disk: written off the event loop, served by unguessable ids, swept after a TTL.
+
+Layout: ``<root>/<id>/<name>.png`` where ``id`` (one per request) and ``name`` (one per image) are
+random hex strings. Because images live on disk, they survive a restart of the node until they expire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import secrets
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import aiofiles
+import aiofiles.os
+
+logger = logging.getLogger(__name__)
+
+IMAGE_ID_PATTERN = "[0-9a-f]{32}"
+IMAGE_NAME_PATTERN = "[0-9a-f]{16}"
+_IMAGE_ID = re.compile(IMAGE_ID_PATTERN)
+_IMAGE_NAME = re.compile(IMAGE_NAME_PATTERN)
+
+
+class ImageStore:
+    def __init__(self, root: Path, ttl_s: float) -> None:
+        self.root = root
+        self.ttl_s = ttl_s
+
+    async def save(self, pngs: Sequence[bytes]) -> tuple[str, list[str]]:
+        """Write one request's images; returns its id and the name of each image, in order."""
+        image_id = secrets.token_hex(16)
+        folder = self.root / image_id
+        await aiofiles.os.makedirs(folder, exist_ok=True)
+        names = []
+        for png in pngs:
+            name = secrets.token_hex(8)
+            # Write under a temporary name and rename: a reader never sees half a file.
+            partial = folder / f".{name}.partial"
+            async with aiofiles.open(partial, "wb") as out:
+                await out.write(png)
+            await aiofiles.os.replace(partial, folder / f"{name}.png")
+            names.append(name)
+        return image_id, names
+
+    async def find(self, image_id: str, name: str) -> Path | None:
+        """The file of a stored, unexpired image, else None. Ids are checked, never joined blindly."""
+        if not (_IMAGE_ID.fullmatch(image_id) and _IMAGE_NAME.fullmatch(name)):
+            return None
+        path = self.root / image_id / f"{name}.png"
+        try:
+            stat = await aiofiles.os.stat(path)
+        except OSError:
+            return None
+        return path if time.time() - stat.st_mtime < self.ttl_s else None
+
+    async def sweep(self) -> int:
+        """Delete the folders of requests older than the TTL; returns how many were deleted."""
+        return await asyncio.to_thread(self._sweep)
+
+    def _sweep(self) -> int:
+        deadline = time.time() - self.ttl_s
+        removed = 0
+        try:
+            entries = list(os.scandir(self.root))
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            if not (_IMAGE_ID.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False)):
+                continue  # not ours: never delete what this store did not write
+            try:
+                # A folder is only as old as its newest image: nothing younger than the TTL goes.
+                newest = max((f.stat().st_mtime for f in os.scandir(entry.path)), default=entry.stat().st_mtime)
+                if newest < deadline:
+                    shutil.rmtree(entry.path)
+                    removed += 1
+            except OSError as exc:
+                logger.warning("could not sweep %s: %s", entry.path, exc)
+        return removed
