@@ -14,7 +14,6 @@ test: $(READY)
 
 $(READY): setup.cfg setup.py constraints.txt
 	python3 -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[orchestrator,test]'
 	touch $@

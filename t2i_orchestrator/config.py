@@ -60,7 +60,7 @@ class OrchestratorConfig:
     cache_dir: Path = field(default_factory=default_cache_dir)
     lora_dir: Path | None = None
     advertise_url: str | None = None
-    node_id: str = ""
+    node_id: str = field(default_factory=socket.gethostname)
     limits: Limits = Limits()
     log_level: str = "info"
 

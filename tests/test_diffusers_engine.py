@@ -1,0 +1,136 @@
+"""The real engine: the demo model built, loaded by diffusers' own loader, generating real PNGs."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image, ImageChops
+from prometheus_client import CollectorRegistry
+
+from metrics import OrchestratorMetrics
+from t2i_common.errors import BadRequest
+from t2i_common.schemas import TextToImageRequest
+from t2i_orchestrator.app import create_app
+from t2i_orchestrator.config import OrchestratorConfig
+from t2i_orchestrator import diffusers_engine
+from t2i_orchestrator.demo_model import DEMO_MODEL_ID
+from t2i_orchestrator.engine import GenerationCancelled
+from t2i_orchestrator.models import ModelSpec
+
+pytestmark = pytest.mark.slow
+
+
+def never() -> bool:
+    return False
+
+
+@pytest.fixture(scope="module")
+def engine(model_cache: Path, demo_model_path: Path, nsfw_model_path: Path, lora_dir: Path) -> Any:
+    specs = [
+        ModelSpec(DEMO_MODEL_ID, warm=True),
+        ModelSpec("tiny/b", path=str(demo_model_path)),
+        ModelSpec("tiny/c", path=str(demo_model_path)),
+        ModelSpec("tiny/nsfw", path=str(nsfw_model_path)),
+    ]
+    return diffusers_engine.DiffusersEngine(specs, device="cpu", cache_dir=model_cache, lora_dir=lora_dir, max_loaded_models=2)
+
+
+def generate(engine: Any, seed: int = 42, model_id: str = DEMO_MODEL_ID, **fields: Any) -> list[Any]:
+    request = TextToImageRequest(**{"prompt": "a cool cat on the beach", "width": 64, "height": 64, **fields})
+    return engine.generate(request, model_id, seed, never)
+
+
+def pixels(png: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(png)).convert("RGB")
+
+
+def test_demo_model_generates_a_png_of_the_requested_size(engine: Any) -> None:
+    [image] = generate(engine, width=256, height=192)
+    picture = Image.open(io.BytesIO(image.png))
+    assert picture.format == "PNG" and picture.size == (256, 192)
+    assert image.seed == 42 and image.nsfw is False
+    assert len(picture.convert("L").getcolors(maxcolors=256) or []) > 10  # a real picture, not a blank
+
+
+def test_same_seed_same_bytes_and_another_seed_another_image(engine: Any) -> None:
+    assert generate(engine, seed=5)[0].png == generate(engine, seed=5)[0].png
+    assert generate(engine, seed=5)[0].png != generate(engine, seed=6)[0].png
+
+
+def test_two_images_per_prompt_have_seeds_s_and_s_plus_1(engine: Any) -> None:
+    first, second = generate(engine, seed=9, num_images_per_prompt=2)
+    assert (first.seed, second.seed) == (9, 10)
+    assert first.png != second.png
+    # Image i depends on seed + i only: the second image is the first image of a request with seed 10.
+    [alone] = generate(engine, seed=10)
+    assert ImageChops.difference(pixels(second.png), pixels(alone.png)).getextrema() <= ((0, 2),) * 3
+
+
+def test_lora_changes_the_image_for_that_request_only(engine: Any) -> None:
+    base = generate(engine, seed=3)[0].png
+    styled = generate(engine, seed=3, loras=(("tiny-style", 1.0),))[0].png
+    assert styled != base
+    difference = ImageChops.difference(pixels(base), pixels(styled))
+    assert max(high for _, high in difference.getextrema()) > 10
+    assert generate(engine, seed=3)[0].png == base
+
+
+@pytest.mark.parametrize("lora_id", ["missing-style", "../tiny-style", "/etc", "nobody/not-cached"])
+def test_a_lora_that_cannot_be_loaded_is_a_400_naming_it(engine: Any, lora_id: str) -> None:
+    with pytest.raises(BadRequest, match="could not be loaded") as caught:
+        generate(engine, loras=((lora_id, 1.0),))
+    assert repr(lora_id) in caught.value.message
+    assert generate(engine, seed=3)[0].png == generate(engine, seed=3)[0].png  # the engine still works
+
+
+def test_least_recently_used_on_demand_model_is_evicted(engine: Any) -> None:
+    engine.load(DEMO_MODEL_ID)
+    assert engine.load("tiny/b") is True
+    assert engine.load("tiny/c") is True
+    loaded = engine.loaded_models()
+    assert "tiny/b" not in loaded and "tiny/c" in loaded and DEMO_MODEL_ID in loaded  # warm models stay
+    assert engine.load("tiny/c") is False
+    assert engine.load("tiny/b") is True
+    assert set(engine.loaded_models()) == {DEMO_MODEL_ID, "tiny/b"}
+
+
+def test_safety_checker_flags_without_blacking_out(engine: Any) -> None:
+    flagged = generate(engine, model_id="tiny/nsfw", num_images_per_prompt=2)
+    assert [image.nsfw for image in flagged] == [True, True]
+    assert pixels(flagged[0].png).getbbox() is not None  # not an all-black image
+    unchecked = generate(engine, model_id="tiny/nsfw", safety_check=False)
+    assert unchecked[0].nsfw is False
+    assert generate(engine)[0].nsfw is False
+
+
+def test_generation_stops_at_the_next_step_when_asked(engine: Any) -> None:
+    calls = 0
+
+    def stop_after_first_check() -> bool:
+        nonlocal calls
+        calls += 1
+        return calls > 1
+
+    request = TextToImageRequest(prompt="a", width=64, height=64, num_inference_steps=20)
+    with pytest.raises(GenerationCancelled):
+        engine.generate(request, DEMO_MODEL_ID, 1, stop_after_first_check)
+    assert calls == 2  # the check before starting, then the first step's
+
+
+async def test_on_demand_model_loads_once_under_concurrent_requests(
+    aiohttp_client: Any, tmp_path: Path, model_cache: Path, demo_model_path: Path
+) -> None:
+    specs = (ModelSpec(DEMO_MODEL_ID, warm=True), ModelSpec("tiny/on-demand", path=str(demo_model_path)))
+    engine = diffusers_engine.DiffusersEngine(specs, device="cpu", cache_dir=model_cache)
+    metrics = OrchestratorMetrics(CollectorRegistry())
+    config = OrchestratorConfig(models=specs, storage_dir=tmp_path)
+    client = await aiohttp_client(create_app(config, engine=engine, metrics_=metrics))
+    body = {"prompt": "a", "model_id": "tiny/on-demand", "width": 64, "height": 64}
+    responses = await asyncio.gather(*(client.post("/text-to-image", json=body) for _ in range(4)))
+    assert [response.status for response in responses] == [200] * 4
+    assert metrics.registry.get_sample_value("t2i_orchestrator_model_load_seconds_count", {"model": "tiny/on-demand"}) == 1
+    assert metrics.registry.get_sample_value("t2i_orchestrator_images_generated_total", {"model": "tiny/on-demand"}) == 4

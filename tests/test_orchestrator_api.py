@@ -1,0 +1,276 @@
+"""The orchestrator's HTTP API, with a fake engine (no torch): contract, validation, queueing, auth."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+from prometheus_client import CollectorRegistry
+
+from metrics import OrchestratorMetrics
+from t2i_orchestrator.app import create_app
+from t2i_orchestrator.config import OrchestratorConfig
+from t2i_orchestrator.models import ModelSpec
+
+from .fakes import FakeEngine
+
+MakeClient = Callable[..., Awaitable[TestClient]]
+
+
+@pytest.fixture
+def engine() -> FakeEngine:
+    return FakeEngine()
+
+
+@pytest.fixture
+def make_client(aiohttp_client: Any, tmp_path: Path, engine: FakeEngine) -> MakeClient:
+    async def make(**overrides: Any) -> TestClient:
+        config = OrchestratorConfig(
+            models=(ModelSpec("warm/model", warm=True), ModelSpec("cold/model")),
+            storage_dir=tmp_path / "images",
+            **overrides,
+        )
+        client = await aiohttp_client(create_app(config, engine=engine, metrics_=OrchestratorMetrics(CollectorRegistry())))
+        await wait_ready(client)
+        return client
+
+    return make
+
+
+async def wait_ready(client: TestClient) -> None:
+    for _ in range(200):
+        response = await client.get("/health")
+        if response.status == 200:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the node never became ready")
+
+
+async def test_generates_images_with_consecutive_seeds_and_serves_them(make_client: MakeClient) -> None:
+    client = await make_client()
+    response = await client.post("/text-to-image", json={"prompt": "a cat", "width": 64, "height": 128, "seed": 7, "num_images_per_prompt": 2})
+    assert response.status == 200, await response.text()
+    images = (await response.json())["images"]
+    assert [image["seed"] for image in images] == [7, 8]
+    assert [image["nsfw"] for image in images] == [False, False]
+    assert images[0]["url"] != images[1]["url"]
+    for image in images:
+        assert image["url"].startswith(str(client.make_url("/stream/")))
+        download = await client.session.get(image["url"])
+        assert download.status == 200
+        assert download.headers["Content-Type"] == "image/png"
+        assert (await download.read()).startswith(b"\x89PNG")
+
+
+async def test_without_seed_a_random_one_is_drawn(make_client: MakeClient) -> None:
+    client = await make_client()
+    seeds = set()
+    for _ in range(3):
+        response = await client.post("/text-to-image", json={"prompt": "a cat", "width": 64, "height": 64})
+        seeds.add((await response.json())["images"][0]["seed"])
+    assert len(seeds) == 3 and all(0 <= seed < 2**32 for seed in seeds)
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({}, "prompt"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": "x" * 2001}, "prompt"),
+        ({"prompt": 5}, "prompt"),
+        ({"prompt": "a", "width": 100}, "width"),
+        ({"prompt": "a", "width": 4096}, "width"),
+        ({"prompt": "a", "height": 32}, "height"),
+        ({"prompt": "a", "height": 512.5}, "height"),
+        ({"prompt": "a", "width": "512"}, "width"),
+        ({"prompt": "a", "num_inference_steps": 0}, "num_inference_steps"),
+        ({"prompt": "a", "num_inference_steps": 101}, "num_inference_steps"),
+        ({"prompt": "a", "num_images_per_prompt": 9}, "num_images_per_prompt"),
+        ({"prompt": "a", "width": 2048, "height": 2048, "num_images_per_prompt": 2}, "num_images_per_prompt"),
+        ({"prompt": "a", "guidance_scale": -1}, "guidance_scale"),
+        ({"prompt": "a", "guidance_scale": 31}, "guidance_scale"),
+        ({"prompt": "a", "seed": -1}, "seed"),
+        ({"prompt": "a", "seed": 2**32}, "seed"),
+        ({"prompt": "a", "seed": 10**40}, "seed"),
+        ({"prompt": "a", "safety_check": "maybe"}, "safety_check"),
+        ({"prompt": "a", "loras": "not json"}, "loras"),
+        ({"prompt": "a", "loras": '["a"]'}, "loras"),
+        ({"prompt": "a", "loras": '{"a/b": "strong"}'}, "loras"),
+        ({"prompt": "a", "loras": '{"a/b": -1}'}, "loras"),
+        ({"prompt": "a", "loras": json.dumps({f"a/{i}": 1 for i in range(5)})}, "loras"),
+        ({"prompt": "a", "steps": 4}, "steps"),
+    ],
+)
+async def test_each_invalid_field_is_a_422_naming_it(make_client: MakeClient, body: dict[str, Any], field: str) -> None:
+    client = await make_client()
+    response = await client.post("/text-to-image", json=body)
+    assert response.status == 422
+    detail = (await response.json())["detail"]
+    assert {"loc": ["body", field]}.items() <= detail[0].items()
+    assert detail[0]["msg"] and detail[0]["type"]
+
+
+async def test_nan_is_rejected_not_crashed_on(make_client: MakeClient) -> None:
+    client = await make_client()
+    response = await client.post("/text-to-image", data='{"prompt": "a", "guidance_scale": NaN}')
+    assert response.status == 422
+    assert (await response.json())["detail"][0]["loc"] == ["body", "guidance_scale"]
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"", b"[1, 2]", b'"prompt"', "\udcff".encode("utf-8", "surrogatepass")])
+async def test_malformed_body_is_a_400(make_client: MakeClient, body: bytes) -> None:
+    client = await make_client()
+    response = await client.post("/text-to-image", data=body, headers={"Content-Type": "application/json"})
+    assert response.status == 400
+    assert (await response.json())["detail"]["msg"]
+
+
+async def test_unknown_model_is_a_400_listing_the_offer(make_client: MakeClient) -> None:
+    client = await make_client()
+    response = await client.post("/text-to-image", json={"prompt": "a", "model_id": "other/model"})
+    assert response.status == 400
+    message = (await response.json())["detail"]["msg"]
+    assert "other/model" in message and "warm/model" in message and "cold/model" in message
+
+
+async def test_empty_model_id_means_the_first_warm_model(make_client: MakeClient, engine: FakeEngine) -> None:
+    client = await make_client()
+    assert (await client.post("/text-to-image", json={"prompt": "a", "width": 64, "height": 64})).status == 200
+    assert engine.loads == ["warm/model"]
+    assert (await client.post("/text-to-image", json={"prompt": "a", "model_id": "cold/model", "width": 64, "height": 64})).status == 200
+    assert engine.loads == ["warm/model", "cold/model"]
+
+
+async def test_full_queue_answers_503_with_retry_after(make_client: MakeClient, engine: FakeEngine) -> None:
+    client = await make_client(max_queue=1)
+    engine.gate.clear()
+    body = {"prompt": "a", "width": 64, "height": 64}
+    running = asyncio.create_task(client.post("/text-to-image", json=body))
+    await asyncio.to_thread(engine.started.wait, 5)
+    waiting = asyncio.create_task(client.post("/text-to-image", json=body))
+    for _ in range(100):
+        capabilities = await (await client.get("/capabilities")).json()
+        if capabilities["queued"] == 1:
+            break
+        await asyncio.sleep(0.01)
+    assert capabilities["in_flight"] == 1 and capabilities["queued"] == 1 and capabilities["capacity"] == 2
+    started = time.monotonic()
+    refused = await client.post("/text-to-image", json=body)
+    assert refused.status == 503
+    assert time.monotonic() - started < 1
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert "busy" in (await refused.json())["detail"]["msg"]
+    engine.gate.set()
+    assert (await running).status == 200
+    assert (await waiting).status == 200
+
+
+async def test_client_going_away_stops_the_generation(make_client: MakeClient, engine: FakeEngine) -> None:
+    client = await make_client()
+    engine.gate.clear()
+    request = asyncio.create_task(client.post("/text-to-image", json={"prompt": "a", "width": 64, "height": 64}))
+    await asyncio.to_thread(engine.started.wait, 5)
+    request.cancel()
+    await client.close()  # drops the connection, as a client that goes away does
+    assert await asyncio.to_thread(engine.stopped.wait, 5)
+
+
+async def test_capabilities_list_models_and_load_state(make_client: MakeClient) -> None:
+    client = await make_client()
+    body = await (await client.get("/capabilities")).json()
+    assert body["device"] == "fake" and body["version"] and body["node_id"]
+    assert body["models"] == [
+        {"model_id": "warm/model", "pipeline": "text-to-image", "warm": True, "loaded": True},
+        {"model_id": "cold/model", "pipeline": "text-to-image", "warm": False, "loaded": False},
+    ]
+
+
+async def test_health_is_503_until_the_warm_models_are_loaded(aiohttp_client: Any, tmp_path: Path) -> None:
+    engine = FakeEngine()
+    engine.gate.clear()  # the warm-up generation waits
+    config = OrchestratorConfig(models=(ModelSpec("warm/model", warm=True),), storage_dir=tmp_path)
+    client = await aiohttp_client(create_app(config, engine=engine, metrics_=OrchestratorMetrics(CollectorRegistry())))
+    response = await client.get("/health")
+    assert response.status == 503 and (await response.json())["status"] == "loading"
+    engine.gate.set()
+    await wait_ready(client)
+
+
+async def test_secret_is_required_except_on_health_and_metrics(make_client: MakeClient) -> None:
+    client = await make_client(secret="s3cret")
+    body = {"prompt": "a", "width": 64, "height": 64}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}, {"Authorization": "Bearer s3cret\u00e9"}):
+        response = await client.post("/text-to-image", json=body, headers=headers)
+        assert response.status == 401, headers
+        assert "Authorization" in (await response.json())["detail"]["msg"]
+    assert (await client.get("/capabilities")).status == 401
+    ok = await client.post("/text-to-image", json=body, headers={"Authorization": "Bearer s3cret"})
+    assert ok.status == 200
+    url = (await ok.json())["images"][0]["url"]
+    assert (await client.session.get(url)).status == 401
+    assert (await client.session.get(url, headers={"Authorization": "Bearer s3cret"})).status == 200
+    assert (await client.get("/health")).status == 200
+    assert (await client.get("/metrics")).status == 200
+
+
+async def test_unknown_and_tampered_stream_ids_are_404(make_client: MakeClient) -> None:
+    client = await make_client()
+    url = (await (await client.post("/text-to-image", json={"prompt": "a", "width": 64, "height": 64})).json())["images"][0]["url"]
+    path = url.removeprefix(str(client.make_url("")).rstrip("/"))
+    tampered = path[:-5] + ("0" if path[-5] != "0" else "1") + ".png"
+    for candidate in (tampered, "/stream/../../etc/passwd", "/stream/%2e%2e/%2e%2e/etc/passwd.png", "/stream/" + "a" * 400 + "/x.png"):
+        response = await client.get(candidate)
+        assert response.status == 404, candidate
+        assert "detail" in await response.json()
+
+
+async def test_images_expire_after_the_ttl(make_client: MakeClient, tmp_path: Path) -> None:
+    client = await make_client(image_ttl_s=60)
+    url = (await (await client.post("/text-to-image", json={"prompt": "a", "width": 64, "height": 64})).json())["images"][0]["url"]
+    assert (await client.session.get(url)).status == 200
+    for png in (tmp_path / "images").rglob("*.png"):
+        os.utime(png, (time.time() - 61, time.time() - 61))
+    assert (await client.session.get(url)).status == 404
+
+
+async def test_advertise_url_is_the_base_of_image_urls(make_client: MakeClient) -> None:
+    client = await make_client(advertise_url="https://node.example:9000")
+    body = await (await client.post("/text-to-image", json={"prompt": "a", "width": 64, "height": 64})).json()
+    assert body["images"][0]["url"].startswith("https://node.example:9000/stream/")
+
+
+async def test_wrong_method_and_unknown_route_use_the_error_shape(make_client: MakeClient) -> None:
+    client = await make_client()
+    response = await client.get("/text-to-image")
+    assert response.status == 405 and "POST" in response.headers["Allow"]
+    assert (await response.json())["detail"]["msg"]
+    response = await client.get("/nowhere")
+    assert response.status == 404 and (await response.json())["detail"]["msg"]
+
+
+async def test_body_over_the_limit_is_a_413(make_client: MakeClient) -> None:
+    client = await make_client()
+    response = await client.post("/text-to-image", data=b"x" * (2 * 1024**2), headers={"Content-Type": "application/json"})
+    assert response.status == 413
+    assert (await response.json())["detail"]["msg"]
+
+
+async def test_metrics_count_requests_and_images(make_client: MakeClient) -> None:
+    client = await make_client()
+    await client.post("/text-to-image", json={"prompt": "a", "width": 64, "height": 64, "num_images_per_prompt": 3})
+    await client.post("/text-to-image", json={"prompt": ""})
+    text = await (await client.get("/metrics")).text()
+    assert 't2i_orchestrator_requests_total{status="200"} 1.0' in text
+    assert 't2i_orchestrator_requests_total{status="422"} 1.0' in text
+    assert 't2i_orchestrator_images_generated_total{model="warm/model"} 3.0' in text
+    assert 't2i_orchestrator_model_load_seconds_count{model="warm/model"} 1.0' in text
+    assert 't2i_orchestrator_inference_seconds_count{model="warm/model"} 2.0' in text  # warm-up + request
+    assert "t2i_orchestrator_queue_depth 0.0" in text and "t2i_orchestrator_loaded_models 1.0" in text
+

@@ -1,0 +1,120 @@
+"""Configuration of the node: flags, environment, config file, models file, model profiles."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from t2i_common.config import ConfigError
+from t2i_orchestrator.config import load_config
+from t2i_orchestrator.demo_model import DEMO_MODEL_ID
+from t2i_orchestrator.models import ModelSpec, load_models_file, profile_for
+from t2i_orchestrator.storage import ImageStore
+
+
+def test_defaults_serve_the_demo_model_on_8936() -> None:
+    config = load_config([])
+    assert config.port == 8936 and config.host == "127.0.0.1"
+    assert config.models == (ModelSpec(DEMO_MODEL_ID, warm=True),)
+
+
+def test_command_line_beats_environment_beats_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config_file = tmp_path / "orchestrator.toml"
+    config_file.write_text('port = 9001\nmax-queue = 2\nimage_ttl = 60\ndevice = "cpu"\n')
+    monkeypatch.setenv("T2I_ORCHESTRATOR_PORT", "9002")
+    monkeypatch.setenv("T2I_ORCHESTRATOR_MAX_QUEUE", "5")
+    config = load_config(["--config", str(config_file), "--port", "9003"])
+    assert (config.port, config.max_queue, config.image_ttl_s, config.device) == (9003, 5, 60.0, "cpu")
+    assert config.storage_dir.name == "9003"
+
+
+def test_repeated_model_flags_are_warm_models(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert [m.model_id for m in load_config(["--model", "a/b", "--model", "c/d"]).models] == ["a/b", "c/d"]
+    monkeypatch.setenv("T2I_ORCHESTRATOR_MODEL", "e/f, g/h")
+    assert [m.model_id for m in load_config([]).models] == ["e/f", "g/h"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--port", "eighty"], "--port"),
+        (["--image-ttl", "0"], "above 0"),
+        (["--max-queue", "-1"], "--max-queue"),
+        (["--model", "a/b", "--model", "a/b"], "listed twice"),
+        (["--config", "/nonexistent.toml"], "cannot read"),
+    ],
+)
+def test_bad_settings_are_clear_errors(argv: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(argv)
+
+
+def test_unknown_config_file_key_is_an_error(tmp_path: Path) -> None:
+    config_file = tmp_path / "orchestrator.json"
+    config_file.write_text(json.dumps({"prot": 1}))
+    with pytest.raises(ConfigError, match="unknown option.*prot"):
+        load_config(["--config", str(config_file)])
+
+
+def test_models_file_in_livepeer_shape(tmp_path: Path) -> None:
+    models = tmp_path / "aiModels.json"
+    models.write_text(json.dumps([
+        {"pipeline": "text-to-image", "model_id": "stabilityai/sd-turbo", "warm": True, "price_per_unit": 4768371},
+        {"pipeline": "text-to-image", "model_id": "ByteDance/SDXL-Lightning", "capacity": 2,
+         "optimization_flags": {"TORCH_COMPILE": True, "BFLOAT16": False}},
+    ]))
+    turbo, lightning = load_models_file(models)
+    assert turbo == ModelSpec("stabilityai/sd-turbo", warm=True)
+    assert lightning.capacity == 2 and lightning.optimization_flags == frozenset({"TORCH_COMPILE"})
+    assert load_config(["--models", str(models)]).models == (turbo, lightning)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("", "not valid JSON"),
+        ("{}", "non-empty JSON list"),
+        ("[]", "non-empty JSON list"),
+        ("[1]", "entry 0: must be an object"),
+        ('[{"pipeline": "text-to-image"}]', "model_id"),
+        ('[{"pipeline": "image-to-image", "model_id": "a"}]', "Only 'text-to-image'"),
+        ('[{"pipeline": "text-to-image", "model_id": "a", "warm": "very"}]', "warm"),
+        ('[{"pipeline": "text-to-image", "model_id": "a", "colour": 1}]', "colour"),
+        ('[{"pipeline": "text-to-image", "model_id": "a", "optimization_flags": {"SFAST": true}}]', "SFAST"),
+        ('[{"pipeline": "text-to-image", "model_id": "a"}, {"pipeline": "text-to-image", "model_id": "a", "warm": true}]', "twice"),
+    ],
+)
+def test_bad_models_files_are_clear_errors(tmp_path: Path, content: str, message: str) -> None:
+    models = tmp_path / "models.json"
+    models.write_text(content)
+    with pytest.raises(ConfigError, match=message):
+        load_models_file(models)
+
+
+def test_model_profiles_follow_livepeer_runner_rules() -> None:
+    assert profile_for("stabilityai/sdxl-turbo").fixed_guidance == 0.0
+    assert profile_for("ByteDance/SDXL-Lightning-4step").fixed_steps == 4
+    assert profile_for("ByteDance/SDXL-Lightning").fixed_steps == 8
+    assert profile_for("ByteDance/SDXL-Lightning").loader == "sdxl-lightning"
+    flux = profile_for("black-forest-labs/FLUX.1-schnell")
+    assert flux.dtype == "bfloat16" and not flux.negative_prompt
+    assert profile_for(DEMO_MODEL_ID).default_guidance == 0.0
+    assert profile_for("runwayml/stable-diffusion-v1-5").default_steps == 25
+
+
+async def test_sweeper_removes_only_expired_image_folders(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path, ttl_s=60)
+    old_id, _ = await store.save([b"old"])
+    young_id, [young_name] = await store.save([b"young"])
+    (tmp_path / "not-ours").mkdir()
+    long_ago = time.time() - 120
+    for path in [tmp_path / old_id, *(tmp_path / old_id).iterdir(), tmp_path / "not-ours"]:
+        os.utime(path, (long_ago, long_ago))
+    assert await store.sweep() == 1
+    assert not (tmp_path / old_id).exists()
+    assert (tmp_path / "not-ours").exists()
+    assert await store.find(young_id, young_name) == tmp_path / young_id / f"{young_name}.png"

@@ -1,0 +1,96 @@
+"""End to end: the real ``t2i-orchestrator`` process with the demo model, over real HTTP."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def http(method: str, url: str, body: dict | None = None, headers: dict | None = None) -> tuple[int, bytes]:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Iterator[str]:
+    port = free_port()
+    storage = tmp_path_factory.mktemp("images")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "t2i_orchestrator", "--port", str(port), "--cache-dir", str(model_cache),
+         "--storage-dir", str(storage), "--secret", "node-secret", "--threads", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "T2I_ORCHESTRATOR_MAX_QUEUE": "3"},
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if http("GET", f"{base}/health")[0] == 200:
+                break
+        except OSError:
+            pass
+        time.sleep(0.2)
+    else:
+        process.kill()
+        raise AssertionError(f"the node did not become healthy:\n{process.stdout.read().decode() if process.stdout else ''}")
+    yield base
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0
+
+
+AUTH = {"Authorization": "Bearer node-secret"}
+
+
+def test_the_seed_request_returns_a_downloadable_image(node: str) -> None:
+    status, body = http("POST", f"{node}/text-to-image", {"prompt": "A cool cat on the beach", "width": 512, "height": 512}, AUTH)
+    assert status == 200, body
+    [image] = json.loads(body)["images"]
+    assert image["url"].startswith(f"{node}/stream/") and image["nsfw"] is False and 0 <= image["seed"] < 2**32
+    status, png = http("GET", image["url"], headers=AUTH)
+    assert status == 200
+    assert Image.open(io.BytesIO(png)).size == (512, 512)
+
+
+def test_capabilities_and_settings_from_flags_and_environment(node: str) -> None:
+    status, body = http("GET", f"{node}/capabilities", headers=AUTH)
+    capabilities = json.loads(body)
+    assert status == 200
+    assert capabilities["capacity"] == 4  # 1 generating + T2I_ORCHESTRATOR_MAX_QUEUE=3
+    assert capabilities["models"] == [{"model_id": "t2i/tiny-sd", "pipeline": "text-to-image", "warm": True, "loaded": True}]
+
+
+def test_errors_over_the_wire(node: str) -> None:
+    assert http("POST", f"{node}/text-to-image", {"prompt": "a"})[0] == 401
+    status, body = http("POST", f"{node}/text-to-image", {"prompt": "a", "width": 65}, AUTH)
+    assert status == 422 and json.loads(body)["detail"][0]["loc"] == ["body", "width"]
+
+
+def test_metrics_are_prometheus_text(node: str) -> None:
+    status, body = http("GET", f"{node}/metrics")
+    assert status == 200
+    assert b"t2i_orchestrator_model_load_seconds_count" in body and b"t2i_orchestrator_requests_total" in body
