@@ -47,6 +47,41 @@ class OrchestratorMetrics:
         )
 
 
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        ns = "t2i_gateway"
+        self.requests = Counter(
+            "requests", "Text-to-image requests answered, by HTTP status and model.", ["status", "model"],
+            namespace=ns, registry=self.registry,
+        )
+        self.request_seconds = Histogram(
+            "request_seconds", "Time to answer a text-to-image request, retries included.", ["model"],
+            buckets=GENERATION_BUCKETS, namespace=ns, registry=self.registry,
+        )
+        self.attempts = Counter(
+            "attempts", "Requests sent to orchestrators, by outcome (ok, client_error, busy, failed).",
+            ["orchestrator", "outcome"], namespace=ns, registry=self.registry,
+        )
+        self.retries = Counter(
+            "retries", "Attempts moved to another orchestrator after a failure.", namespace=ns, registry=self.registry
+        )
+        self.orchestrators = Gauge(
+            "orchestrators", "Orchestrators by state: known, healthy, suspended.", ["state"],
+            namespace=ns, registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "in_flight", "Text-to-image requests being handled.", namespace=ns, registry=self.registry
+        )
+        self.stream_bytes = Counter(
+            "stream_bytes", "Image bytes proxied through /stream.", namespace=ns, registry=self.registry
+        )
+        self.registry_errors = Counter(
+            "registry_errors", "Registry file versions rejected (the last good set was kept).",
+            namespace=ns, registry=self.registry,
+        )
+
+
 def setup(app: web.Application, registry: CollectorRegistry) -> None:
     """Serve ``registry`` at ``GET /metrics``."""
     app.router.add_get("/metrics", make_aiohttp_handler(registry))

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .schemas import Limits
+
 
 class ConfigError(Exception):
     """A configuration value that cannot be used; the message says which and why."""
@@ -123,3 +125,20 @@ def positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
 
     convert.__name__ = f"positive {kind.__name__}"
     return convert
+
+
+_LIMITS = Limits()
+
+# The request limits, configurable the same way on every daemon.
+LIMIT_OPTIONS = (
+    Option("max-size", "largest width or height", type=positive(int), default=_LIMITS.max_size),
+    Option("max-pixels", "largest width x height x num_images_per_prompt", type=positive(int), default=_LIMITS.max_pixels),
+    Option("max-steps", "largest num_inference_steps", type=positive(int), default=_LIMITS.max_steps),
+    Option("max-images", "largest num_images_per_prompt", type=positive(int), default=_LIMITS.max_images),
+)
+
+
+def limits_from(values: dict[str, Any]) -> Limits:
+    return Limits(
+        max_size=values["max_size"], max_pixels=values["max_pixels"], max_steps=values["max_steps"], max_images=values["max_images"]
+    )

@@ -10,7 +10,9 @@ The wire shapes are the Livepeer runner's, so existing clients can parse them:
     ├── NotFound              404  unknown route, unknown or expired image
     ├── InvalidFields         422  one entry per offending field
     ├── InternalError         500  generation failed (CUDA out of memory, ...)
-    └── ServiceUnavailable    503  queue full, still loading, shutting down (with Retry-After)
+    ├── BadGateway            502  the orchestrator holding an image cannot be reached
+    ├── ServiceUnavailable    503  queue full, still loading, no orchestrator free (with Retry-After)
+    └── GatewayTimeout        504  the request's deadline passed before any orchestrator answered
 
 aiohttp's own HTTP errors (unknown route 404, wrong method 405, body too large 413) get the same shape.
 """
@@ -55,6 +57,14 @@ class NotFound(APIError):
 
 class InternalError(APIError):
     status = 500
+
+
+class BadGateway(APIError):
+    status = 502
+
+
+class GatewayTimeout(APIError):
+    status = 504
 
 
 class ServiceUnavailable(APIError):

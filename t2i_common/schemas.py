@@ -83,13 +83,13 @@ def build_request_schema(limits: Limits) -> Schema:
             strict=True,
             load_default=512,
             validate=validate.Range(min=limits.min_size, max=limits.max_size),
-            metadata={"description": "Image width in pixels, a multiple of 8."},
+            metadata={"description": "Image width in pixels, a multiple of 8.", "multipleOf": 8},
         )
         height = fields.Integer(
             strict=True,
             load_default=512,
             validate=validate.Range(min=limits.min_size, max=limits.max_size),
-            metadata={"description": "Image height in pixels, a multiple of 8."},
+            metadata={"description": "Image height in pixels, a multiple of 8.", "multipleOf": 8},
         )
         guidance_scale = fields.Float(
             load_default=None,

@@ -15,6 +15,7 @@ from aiohttp import web
 from marshmallow import Schema
 
 import metrics
+from discovery import registry
 from metrics import OrchestratorMetrics
 from t2i_common import __version__
 from t2i_common.errors import BadRequest, NotFound, ServiceUnavailable, Unauthorized, error_middleware
@@ -60,6 +61,8 @@ def create_app(
     app[READINESS] = Readiness()
     app[SCHEMA] = build_request_schema(config.limits)
     app.cleanup_ctx.extend([_device_queue, _warm_models, _image_sweeper])
+    if config.register:
+        app.cleanup_ctx.append(_registration)
     app.router.add_post("/text-to-image", text_to_image)
     app.router.add_post("/text-to-image/", text_to_image)  # Livepeer's runner accepts both
     app.router.add_get(f"/stream/{{image_id:{IMAGE_ID_PATTERN}}}/{{name:{IMAGE_NAME_PATTERN}}}.png", stream_image)
@@ -124,6 +127,31 @@ async def _image_sweeper(app: web.Application) -> AsyncIterator[None]:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+async def _registration(app: web.Application) -> AsyncIterator[None]:
+    """Be in the registry file while serving: added at start, heartbeats, removed on clean shutdown."""
+    config = app[CONFIG]
+    assert config.register and config.advertise_url
+
+    async def heartbeat_forever() -> None:
+        while True:
+            try:
+                await asyncio.to_thread(registry.register, config.register, config.advertise_url, heartbeat=True)
+            except (OSError, registry.RegistryError) as exc:
+                logger.error("could not write heartbeat to %s: %s", config.register, exc)
+            await asyncio.sleep(config.heartbeat_interval_s)
+
+    task = asyncio.create_task(heartbeat_forever())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    try:
+        await asyncio.to_thread(registry.deregister, config.register, config.advertise_url)
+        logger.info("removed %s from %s", config.advertise_url, config.register)
+    except (OSError, registry.RegistryError) as exc:
+        logger.error("could not remove this node from %s: %s", config.register, exc)
 
 
 # -- handlers ----------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from t2i_common.config import ConfigError, Option, load_options, positive
+from t2i_common.config import LIMIT_OPTIONS, ConfigError, Option, limits_from, load_options, positive
 from t2i_common.schemas import Limits
 
 from .demo_model import DEMO_MODEL_ID
@@ -18,8 +18,6 @@ from .models import ModelSpec, check_unique, load_models_file
 def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "t2i"
 
-
-_LIMITS = Limits()
 
 OPTIONS = (
     Option("host", "address to listen on", default="127.0.0.1"),
@@ -36,11 +34,10 @@ OPTIONS = (
     Option("cache-dir", "where the demo model is built (default: $XDG_CACHE_HOME/t2i or ~/.cache/t2i)", type=Path),
     Option("lora-dir", "folder of LoRA adapters that requests may name (besides Hugging Face repo ids)", type=Path),
     Option("advertise-url", "base URL of this node in image URLs (default: the URL the request came to)"),
+    Option("register", "registry file to add this node to at start (with heartbeats) and remove it from at shutdown", type=Path),
+    Option("heartbeat-interval", "seconds between registry heartbeats", type=positive(float), default=10.0),
     Option("node-id", "name of this node in /capabilities (default: <hostname>:<port>)"),
-    Option("max-size", "largest width or height", type=positive(int), default=_LIMITS.max_size),
-    Option("max-pixels", "largest width x height x num_images_per_prompt", type=positive(int), default=_LIMITS.max_pixels),
-    Option("max-steps", "largest num_inference_steps", type=positive(int), default=_LIMITS.max_steps),
-    Option("max-images", "largest num_images_per_prompt", type=positive(int), default=_LIMITS.max_images),
+    *LIMIT_OPTIONS,
     Option("log-level", "debug, info, warning or error", default="info"),
 )
 
@@ -61,6 +58,8 @@ class OrchestratorConfig:
     lora_dir: Path | None = None
     advertise_url: str | None = None
     node_id: str = field(default_factory=socket.gethostname)
+    register: Path | None = None
+    heartbeat_interval_s: float = 10.0
     limits: Limits = Limits()
     log_level: str = "info"
 
@@ -76,6 +75,8 @@ def load_config(argv: Sequence[str] | None = None) -> OrchestratorConfig:
     check_unique(specs, "--models/--model")
     if values["max_queue"] < 0:
         raise ConfigError(f"--max-queue must be 0 or more, got {values['max_queue']}")
+    if values["register"] and not values["advertise_url"]:
+        raise ConfigError("--register needs --advertise-url: the URL gateways should use to reach this node")
     cache_dir = values["cache_dir"] or default_cache_dir()
     return OrchestratorConfig(
         models=tuple(specs),
@@ -92,11 +93,8 @@ def load_config(argv: Sequence[str] | None = None) -> OrchestratorConfig:
         lora_dir=values["lora_dir"],
         advertise_url=values["advertise_url"].rstrip("/") if values["advertise_url"] else None,
         node_id=values["node_id"] or f"{socket.gethostname()}:{values['port']}",
-        limits=Limits(
-            max_size=values["max_size"],
-            max_pixels=values["max_pixels"],
-            max_steps=values["max_steps"],
-            max_images=values["max_images"],
-        ),
+        limits=limits_from(values),
+        register=values["register"],
+        heartbeat_interval_s=values["heartbeat_interval"],
         log_level=values["log_level"],
     )

@@ -1,0 +1,70 @@
+"""Entry point of ``t2i-gateway``."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import ssl
+import sys
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from discovery import CombinedDiscovery, Discovery, Endpoint, StaticDiscovery
+from discovery.registry import RegistryFileDiscovery
+from metrics import GatewayMetrics
+from t2i_common.config import ConfigError
+
+from .app import create_app
+from .config import GatewayConfig, load_config
+from .local import LocalOrchestrator
+
+logger = logging.getLogger("t2i_gateway")
+
+
+def build_app(config: GatewayConfig) -> web.Application:
+    metrics = GatewayMetrics()
+    backends: list[Discovery] = []
+    static = [Endpoint(url) for url in config.orchestrators]
+    local = LocalOrchestrator() if config.local_orchestrator else None
+    if local:
+        static.append(local.endpoint)
+    if static:
+        backends.append(StaticDiscovery(static))
+    if config.registry:
+        backends.append(
+            RegistryFileDiscovery(
+                config.registry, heartbeat_ttl_s=config.heartbeat_ttl_s, on_error=lambda _: metrics.registry_errors.inc()
+            )
+        )
+    stream_secret = config.stream_secret.encode() if config.stream_secret else secrets.token_bytes(32)
+    app = create_app(config, discovery=CombinedDiscovery(backends), stream_secret=stream_secret, metrics_=metrics)
+    if local:
+        app.cleanup_ctx.insert(0, local.cleanup_ctx())
+    return app
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    try:
+        config = load_config(argv)
+        logging.basicConfig(
+            level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+        )
+        ssl_context = None
+        if config.tls_cert and config.tls_key:
+            ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            try:
+                ssl_context.load_cert_chain(config.tls_cert, config.tls_key)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"--tls-cert/--tls-key: {exc}") from None
+        app = build_app(config)
+    except ConfigError as exc:
+        sys.exit(f"t2i-gateway: {exc}")
+    scheme = "https" if ssl_context else "http"
+    logger.info("gateway on %s://%s:%d", scheme, config.host, config.port)
+    # handler_cancellation: a client that goes away cancels its request upstream too.
+    web.run_app(app, host=config.host, port=config.port, ssl_context=ssl_context, handler_cancellation=True, print=None)
+
+
+if __name__ == "__main__":
+    main()

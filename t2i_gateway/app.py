@@ -1,0 +1,258 @@
+"""The gateway's HTTP application: the public Livepeer text-to-image API in front of the orchestrators."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+from aiohttp import web
+from marshmallow import Schema
+
+import metrics
+from discovery import Discovery
+from metrics import GatewayMetrics
+from t2i_common.errors import (
+    APIError,
+    BadGateway,
+    BadRequest,
+    GatewayTimeout,
+    NotFound,
+    ServiceUnavailable,
+    Unauthorized,
+    error_middleware,
+)
+from t2i_common.schemas import build_request_schema, parse_request
+
+from .config import GatewayConfig
+from .nodes import NodePool, retry_after_s
+from .openapi import build_openapi
+from .stream_tokens import StreamSigner, StreamTarget
+from .upstream import AttemptResult, attempt
+
+logger = logging.getLogger(__name__)
+
+CONFIG = web.AppKey("config", GatewayConfig)
+METRICS = web.AppKey("metrics", GatewayMetrics)
+POOL = web.AppKey("pool", NodePool)
+SIGNER = web.AppKey("signer", StreamSigner)
+SCHEMA = web.AppKey("schema", Schema)
+SESSION = web.AppKey("session", aiohttp.ClientSession)
+OPENAPI = web.AppKey("openapi", dict)
+
+STREAM_CHUNK = 64 * 1024
+
+
+def create_app(
+    config: GatewayConfig, *, discovery: Discovery, stream_secret: bytes, metrics_: GatewayMetrics | None = None
+) -> web.Application:
+    """Build the gateway; ``discovery`` says where the orchestrators are."""
+    app = web.Application(middlewares=[error_middleware])
+    app[CONFIG] = config
+    app[METRICS] = metrics_ or GatewayMetrics()
+    app[POOL] = NodePool(
+        discovery,
+        app[METRICS],
+        secret=config.orchestrator_secret,
+        probe_interval_s=config.probe_interval_s,
+        probe_timeout_s=config.probe_timeout_s,
+    )
+    app[SIGNER] = StreamSigner(stream_secret, config.image_ttl_s)
+    app[SCHEMA] = build_request_schema(config.limits)
+    app[OPENAPI] = build_openapi(config.limits, api_keys=bool(config.api_keys))
+    app.cleanup_ctx.extend([_client_session, _node_pool])
+    app.router.add_post("/text-to-image", text_to_image)
+    app.router.add_get("/stream/{token}/{name}.png", stream_image)
+    app.router.add_get("/health", health)
+    app.router.add_get("/orchestrators", orchestrators)
+    app.router.add_get("/openapi.json", openapi)
+    metrics.setup(app, app[METRICS].registry)
+    return app
+
+
+# -- resources ---------------------------------------------------------------------------------
+
+
+async def _client_session(app: web.Application) -> AsyncIterator[None]:
+    # No total timeout here: each call sets the one it needs (probes short, generation long).
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
+        app[SESSION] = session
+        yield
+
+
+async def _node_pool(app: web.Application) -> AsyncIterator[None]:
+    task = asyncio.create_task(app[POOL].run(app[SESSION]))
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+# -- handlers ----------------------------------------------------------------------------------
+
+
+async def text_to_image(request: web.Request) -> web.Response:
+    app = request.app
+    _check_api_key(app[CONFIG], request)
+    body = await request.read()
+    job = parse_request(body, app[SCHEMA])
+    pool = app[POOL]
+    model_id = job.model_id or app[CONFIG].default_model or pool.default_model()
+    if not model_id:
+        raise ServiceUnavailable("No orchestrator is ready yet to say which models it serves; retry shortly.", retry_after=2)
+    metrics_ = app[METRICS]
+    # Label by model only for models on offer: clients must not be able to grow the metric without bound.
+    label = model_id if model_id in pool.models_on_offer() else "other"
+    started = time.monotonic()
+    metrics_.in_flight.inc()
+    status = 500
+    try:
+        response = await _generate(request, model_id, {**json.loads(body), "model_id": model_id}, job.num_images_per_prompt)
+        status = response.status
+        return response
+    except APIError as error:
+        status = error.status
+        raise
+    finally:
+        metrics_.in_flight.dec()
+        metrics_.requests.labels(str(status), label).inc()
+        metrics_.request_seconds.labels(label).observe(time.monotonic() - started)
+
+
+async def _generate(request: web.Request, model_id: str, forward: dict[str, object], images: int) -> web.Response:
+    """Try up to --max-attempts nodes within the request's deadline."""
+    app = request.app
+    config, pool, metrics_ = app[CONFIG], app[POOL], app[METRICS]
+    request_id = request.headers.get("X-Request-ID") or uuid.uuid4().hex
+    payload = json.dumps(forward).encode()
+    deadline = time.monotonic() + config.request_timeout_s
+    tried: set[str] = set()
+    last: AttemptResult | None = None
+    for attempt_number in range(config.max_attempts):
+        node = pool.select(model_id, exclude=tried)
+        if node is None:
+            break
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise GatewayTimeout(f"No orchestrator answered within the request's {config.request_timeout_s:.0f} s deadline.")
+        if attempt_number:
+            metrics_.retries.inc()
+        tried.add(node.url)
+        node.in_flight += 1
+        started = time.monotonic()
+        try:
+            last = await attempt(
+                app[SESSION],
+                node,
+                payload,
+                headers={"Content-Type": "application/json", "X-Request-ID": request_id, **pool.auth_headers(node.url)},
+                timeout=aiohttp.ClientTimeout(total=remaining, sock_connect=config.connect_timeout_s),
+                expected_images=images,
+            )
+        finally:
+            node.in_flight -= 1
+        metrics_.attempts.labels(node.url, last.outcome).inc()
+        logger.info("request %s: %s on %s: %s %s", request_id, model_id, node.url, last.outcome, last.reason)
+        if last.outcome == "ok":
+            pool.succeeded(node, time.monotonic() - started)
+            return web.json_response(_rewrite_urls(request, node.url, last.body), headers={"X-Request-ID": request_id})
+        if last.outcome == "client_error":
+            return web.json_response(last.body, status=last.status, headers={"X-Request-ID": request_id})
+        if last.outcome == "busy":
+            pool.busy(node)
+        else:
+            pool.failed(node, last.reason)
+    if last is None and model_id not in pool.models_on_offer():
+        offered = pool.models_on_offer()
+        if offered:
+            raise BadRequest(f"Model {model_id!r} is not offered by any orchestrator; on offer: {', '.join(offered)}.")
+    retry_after = retry_after_s(pool.healthy())
+    if last is None:
+        raise ServiceUnavailable(f"Every orchestrator that serves {model_id!r} is busy, suspended or down; retry later.", retry_after=retry_after)
+    raise ServiceUnavailable(
+        f"No orchestrator could generate the image ({len(tried)} tried, last: {last.reason}); retry later.", retry_after=retry_after
+    )
+
+
+def _rewrite_urls(request: web.Request, node_url: str, body: dict[str, Any]) -> dict[str, Any]:
+    """Point each image url at this gateway, through a signed id that names the node and path."""
+    app = request.app
+    base = app[CONFIG].public_url or f"{request.scheme}://{request.host}"
+    images = []
+    for image in body["images"]:
+        path = urlsplit(image["url"]).path
+        name = path.rsplit("/", 1)[1].removesuffix(".png")
+        token = app[SIGNER].sign(StreamTarget(node_url, path))
+        images.append({"url": f"{base}/stream/{token}/{name}.png", "seed": image["seed"], "nsfw": image["nsfw"]})
+    return {"images": images}
+
+
+async def stream_image(request: web.Request) -> web.StreamResponse:
+    """Stream an image from the node that made it, chunk by chunk, never holding the whole file."""
+    app = request.app
+    target = app[SIGNER].verify(request.match_info["token"])
+    if target is None or not target.path.endswith(f"/{request.match_info['name']}.png"):
+        raise NotFound("Image not found: the id is unknown, altered or expired.")
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=app[CONFIG].connect_timeout_s, sock_read=30)
+    headers = app[POOL].auth_headers(target.node_url)
+    try:
+        async with app[SESSION].get(f"{target.node_url}{target.path}", headers=headers, timeout=timeout) as upstream:
+            return await _relay(request, upstream)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise BadGateway(f"The orchestrator holding this image cannot be reached ({type(exc).__name__}).") from exc
+
+
+async def _relay(request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+    if upstream.status == 404:
+        raise NotFound("Image not found: it has expired on the orchestrator that made it.")
+    if upstream.status != 200:
+        raise BadGateway(f"The orchestrator holding this image answered {upstream.status}.")
+    ttl = int(request.app[CONFIG].image_ttl_s)
+    response = web.StreamResponse(headers={"Content-Type": "image/png", "Cache-Control": f"private, max-age={ttl}"})
+    if upstream.content_length is not None:
+        response.content_length = upstream.content_length
+    await response.prepare(request)
+    try:
+        async for chunk in upstream.content.iter_chunked(STREAM_CHUNK):
+            await response.write(chunk)
+            request.app[METRICS].stream_bytes.inc(len(chunk))
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        # The headers are sent: all that is left is to cut the body short, which the client sees.
+        logger.warning("stream from %s broke off: %s", upstream.url.origin(), exc)
+        if request.transport is not None:
+            request.transport.close()
+        return response
+    await response.write_eof()
+    return response
+
+
+async def health(request: web.Request) -> web.Response:
+    healthy = request.app[POOL].healthy()
+    body = {"status": "ready" if healthy else "unavailable", "orchestrators_ready": len(healthy)}
+    return web.json_response(body, status=200 if healthy else 503)
+
+
+async def orchestrators(request: web.Request) -> web.Response:
+    return web.json_response({"orchestrators": request.app[POOL].describe()})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(request.app[OPENAPI])
+
+
+def _check_api_key(config: GatewayConfig, request: web.Request) -> None:
+    if not config.api_keys:
+        return
+    header = request.headers.get("Authorization", "")
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() != "bearer" or not any(hmac.compare_digest(key.encode(), k.encode()) for k in config.api_keys):
+        raise Unauthorized("A valid API key is required: send 'Authorization: Bearer <key>'.")
+

@@ -1,0 +1,105 @@
+"""The gateway's configuration: flags, environment (``T2I_GATEWAY_*``) and a config file."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from discovery import normalize_url
+from t2i_common.config import LIMIT_OPTIONS, ConfigError, Option, limits_from, load_options, positive
+from t2i_common.schemas import Limits
+
+OPTIONS = (
+    Option("host", "address to listen on", default="127.0.0.1"),
+    Option("port", "port to listen on", type=int, default=8935),
+    Option("orchestrator", "orchestrator base URL (repeatable)", repeat=True),
+    Option("registry", "registry file of orchestrators (see t2i-register), re-read when it changes", type=Path),
+    Option("heartbeat-ttl", "seconds after which a registry entry without a fresh heartbeat is ignored", type=positive(float), default=30.0),
+    Option("local-orchestrator", "also start an orchestrator with the demo model as a managed child process", flag=True, default=False),
+    Option("orchestrator-secret", "bearer secret sent to orchestrators"),
+    Option("api-key", "API key that clients must send as 'Authorization: Bearer <key>' (repeatable)", repeat=True),
+    Option("api-keys-file", "file of API keys, one per line", type=Path),
+    Option("public-url", "base of image URLs, e.g. https://gateway.example.net (default: the URL the request came to)"),
+    Option("stream-secret", "secret that signs /stream ids; gateways behind one load balancer must share it (default: random)"),
+    Option("image-ttl", "seconds a returned image URL stays valid", type=positive(float), default=3600.0),
+    Option("max-attempts", "orchestrators tried per request", type=positive(int), default=3),
+    Option("request-timeout", "overall deadline of a request, generation and retries included (seconds)", type=positive(float), default=300.0),
+    Option("connect-timeout", "seconds to connect to an orchestrator", type=positive(float), default=2.0),
+    Option("probe-interval", "seconds between /capabilities probes of an idle orchestrator", type=positive(float), default=5.0),
+    Option("probe-timeout", "seconds a /capabilities probe may take before the node counts as down", type=positive(float), default=3.0),
+    Option("default-model", "model for requests that name none (default: the model warm on most orchestrators)"),
+    Option("tls-cert", "certificate file (PEM): serve HTTPS", type=Path),
+    Option("tls-key", "private key file (PEM) for --tls-cert", type=Path),
+    *LIMIT_OPTIONS,
+    Option("log-level", "debug, info, warning or error", default="info"),
+)
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    host: str = "127.0.0.1"
+    port: int = 8935
+    orchestrators: tuple[str, ...] = ()
+    registry: Path | None = None
+    heartbeat_ttl_s: float = 30.0
+    local_orchestrator: bool = False
+    orchestrator_secret: str | None = None
+    api_keys: frozenset[str] = frozenset()
+    public_url: str | None = None
+    stream_secret: str | None = None
+    image_ttl_s: float = 3600.0
+    max_attempts: int = 3
+    request_timeout_s: float = 300.0
+    connect_timeout_s: float = 2.0
+    probe_interval_s: float = 5.0
+    probe_timeout_s: float = 3.0
+    default_model: str | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    limits: Limits = field(default_factory=Limits)
+    log_level: str = "info"
+
+
+def load_config(argv: Sequence[str] | None = None) -> GatewayConfig:
+    values = load_options(
+        "t2i-gateway", "The text-to-image gateway: finds orchestrators, picks one, retries, proxies images.", OPTIONS, argv, "T2I_GATEWAY"
+    )
+    try:
+        orchestrators = tuple(dict.fromkeys(normalize_url(url) for url in values["orchestrator"] or []))
+    except ValueError as exc:
+        raise ConfigError(f"--orchestrator: {exc}") from None
+    if not (orchestrators or values["registry"] or values["local_orchestrator"]):
+        raise ConfigError("nothing to route to: give --orchestrator URL, --registry FILE or --local-orchestrator")
+    api_keys = set(values["api_key"] or [])
+    if values["api_keys_file"]:
+        try:
+            lines = values["api_keys_file"].read_text().splitlines()
+        except OSError as exc:
+            raise ConfigError(f"--api-keys-file: cannot read {values['api_keys_file']}: {exc.strerror}") from None
+        api_keys |= {line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")}
+    if bool(values["tls_cert"]) != bool(values["tls_key"]):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    return GatewayConfig(
+        host=values["host"],
+        port=values["port"],
+        orchestrators=orchestrators,
+        registry=values["registry"],
+        heartbeat_ttl_s=values["heartbeat_ttl"],
+        local_orchestrator=values["local_orchestrator"],
+        orchestrator_secret=values["orchestrator_secret"],
+        api_keys=frozenset(api_keys),
+        public_url=values["public_url"].rstrip("/") if values["public_url"] else None,
+        stream_secret=values["stream_secret"],
+        image_ttl_s=values["image_ttl"],
+        max_attempts=values["max_attempts"],
+        request_timeout_s=values["request_timeout"],
+        connect_timeout_s=values["connect_timeout"],
+        probe_interval_s=values["probe_interval"],
+        probe_timeout_s=values["probe_timeout"],
+        default_model=values["default_model"],
+        tls_cert=values["tls_cert"],
+        tls_key=values["tls_key"],
+        limits=limits_from(values),
+        log_level=values["log_level"],
+    )

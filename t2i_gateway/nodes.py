@@ -1,0 +1,298 @@
+"""What the gateway knows about each orchestrator, how it keeps that fresh, and how it picks one.
+
+A background task (``NodePool.run``) follows discovery and probes every node's ``/capabilities``:
+every ``probe_interval_s`` when idle, every second while it has requests from us in flight (a hung
+node is noticed in seconds, not at the end of a generation timeout), several times a second while
+it is loading, and at the end of its suspension after a failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from discovery import Discovery, Endpoint
+from metrics import GatewayMetrics
+
+logger = logging.getLogger(__name__)
+
+NOT_READY_PROBE_S = 0.25
+BUSY_PROBE_S = 1.0
+DISCOVERY_REFRESH_S = 1.0
+MAX_SUSPENSION_S = 60.0
+
+
+@dataclass
+class Node:
+    endpoint: Endpoint
+    capabilities: dict[str, Any] | None = None  # the last valid /capabilities answer
+    ready: bool = False
+    suspended_until: float = 0.0
+    failures: int = 0  # consecutive; sets the length of the next suspension
+    last_error: str | None = None
+    in_flight: int = 0  # our requests to it now
+    reported_busy: int = 0  # in_flight + queued, as it said at the last probe
+    in_flight_at_probe: int = 0
+    latency_s: float | None = None  # moving average of successful requests
+    next_probe: float = 0.0
+    # Set when the node is found down; attempts waiting on it give up at once and retry elsewhere.
+    down: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def url(self) -> str:
+        return self.endpoint.url
+
+    def tier(self, model_id: str) -> int | None:
+        """0 if the model is warm (or loaded) here, 1 if it can be loaded on demand, None if not offered."""
+        for model in (self.capabilities or {}).get("models", []):
+            if model["model_id"] == model_id:
+                return 0 if model["warm"] or model["loaded"] else 1
+        return None
+
+    def free(self) -> int:
+        """Advertised capacity minus load: the load it reported, plus what we sent since."""
+        capacity = int((self.capabilities or {}).get("capacity", 0))
+        return capacity - max(self.in_flight, self.reported_busy + self.in_flight - self.in_flight_at_probe)
+
+    def suspended(self, now: float) -> bool:
+        return now < self.suspended_until
+
+
+class NodePool:
+    def __init__(
+        self,
+        discovery: Discovery,
+        metrics: GatewayMetrics,
+        *,
+        secret: str | None = None,
+        probe_interval_s: float = 5.0,
+        probe_timeout_s: float = 3.0,
+    ) -> None:
+        self.discovery = discovery
+        self.nodes: dict[str, Node] = {}
+        self._metrics = metrics
+        self._secret = secret
+        self._probe_interval_s = probe_interval_s
+        self._probe_timeout = aiohttp.ClientTimeout(total=probe_timeout_s)
+        self._probing: set[str] = set()
+        self._session: aiohttp.ClientSession | None = None
+
+    # -- selection ----------------------------------------------------------------------------
+
+    def select(self, model_id: str, exclude: set[str]) -> Node | None:
+        """The best node for ``model_id``: warm before on-demand, then most free capacity, ties at random."""
+        now = time.monotonic()
+        candidates = [
+            node
+            for node in self.nodes.values()
+            if node.url not in exclude
+            and node.ready
+            and not node.suspended(now)
+            and node.tier(model_id) is not None
+            and node.free() > 0
+        ]
+        random.shuffle(candidates)  # sort is stable: equal nodes stay in random order, so load spreads
+        candidates.sort(key=lambda node: (node.tier(model_id), -node.free()))
+        return candidates[0] if candidates else None
+
+    def models_on_offer(self) -> list[str]:
+        """Every model any known node offers (as last seen), sorted."""
+        return sorted({m["model_id"] for node in self.nodes.values() for m in (node.capabilities or {}).get("models", [])})
+
+    def default_model(self) -> str | None:
+        """The model warm on the most ready nodes (the gateway's default when a request names none)."""
+        counts = Counter(
+            m["model_id"]
+            for node in self.nodes.values()
+            if node.ready
+            for m in (node.capabilities or {}).get("models", [])
+            if m["warm"]
+        )
+        return counts.most_common(1)[0][0] if counts else None
+
+    def healthy(self) -> list[Node]:
+        now = time.monotonic()
+        return [node for node in self.nodes.values() if node.ready and not node.suspended(now)]
+
+    def secret_for(self, url: str) -> str | None:
+        node = self.nodes.get(url)
+        return node.endpoint.secret if node and node.endpoint.secret else self._secret
+
+    def auth_headers(self, url: str) -> dict[str, str]:
+        secret = self.secret_for(url)
+        return {"Authorization": f"Bearer {secret}"} if secret else {}
+
+    # -- outcomes of requests -----------------------------------------------------------------
+
+    def succeeded(self, node: Node, seconds: float) -> None:
+        node.failures = 0
+        node.latency_s = seconds if node.latency_s is None else 0.8 * node.latency_s + 0.2 * seconds
+
+    def busy(self, node: Node) -> None:
+        """It refused for lack of capacity: not a fault, but count it full until the next probe."""
+        node.reported_busy = max(node.reported_busy, int((node.capabilities or {}).get("capacity", 0)))
+        node.in_flight_at_probe = node.in_flight
+        node.next_probe = min(node.next_probe, time.monotonic() + NOT_READY_PROBE_S)
+
+    def failed(self, node: Node, reason: str) -> None:
+        """Suspend it with exponential backoff; it is re-admitted by a successful probe afterwards."""
+        now = time.monotonic()
+        node.failures += 1
+        suspension = min(MAX_SUSPENSION_S, 2.0 ** (node.failures - 1))
+        node.suspended_until = max(node.suspended_until, now + suspension)
+        node.next_probe = node.suspended_until
+        node.ready = False
+        node.last_error = reason
+        logger.warning("orchestrator %s failed (%s); suspended for %.0f s", node.url, reason, suspension)
+        self._update_gauges()
+
+    # -- background refresh -------------------------------------------------------------------
+
+    async def run(self, session: aiohttp.ClientSession) -> None:
+        """Follow discovery and probe nodes, until cancelled."""
+        self._session = session
+        tasks: set[asyncio.Task[None]] = set()
+        next_discovery = 0.0
+        try:
+            while True:
+                now = time.monotonic()
+                if now >= next_discovery:
+                    try:
+                        await self.discovery.refresh()
+                    except Exception:
+                        logger.exception("discovery refresh failed; keeping the current set")
+                    self._sync()
+                    next_discovery = now + DISCOVERY_REFRESH_S
+                for node in list(self.nodes.values()):
+                    if node.next_probe <= now and node.url not in self._probing:
+                        self._probing.add(node.url)
+                        task = asyncio.create_task(self._probe(node))
+                        tasks.add(task)
+                        task.add_done_callback(tasks.discard)
+                await asyncio.sleep(0.05)
+        finally:
+            for task in tasks:
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _sync(self) -> None:
+        endpoints = {endpoint.url: endpoint for endpoint in self.discovery.snapshot()}
+        for url in list(self.nodes):
+            if url not in endpoints:
+                logger.info("orchestrator %s left discovery", url)
+                self.nodes.pop(url).down.set()
+        for url, endpoint in endpoints.items():
+            if url not in self.nodes:
+                logger.info("orchestrator %s joined discovery", url)
+                self.nodes[url] = Node(endpoint)
+            elif self.nodes[url].endpoint != endpoint:
+                self.nodes[url].endpoint = endpoint
+        self._update_gauges()
+
+    async def _probe(self, node: Node) -> None:
+        assert self._session is not None
+        try:
+            async with self._session.get(
+                f"{node.url}/capabilities", headers=self.auth_headers(node.url), timeout=self._probe_timeout
+            ) as response:
+                if response.status != 200:
+                    raise ValueError(f"/capabilities answered {response.status}")
+                capabilities = _check_capabilities(await response.json(content_type=None))
+        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as exc:
+            reason = f"probe: {exc or type(exc).__name__}"
+            if self.nodes.get(node.url) is not node:
+                return
+            if node.capabilities is None:
+                # Never seen up: probably still starting. Keep asking often, without suspending it.
+                node.last_error = reason
+                node.next_probe = time.monotonic() + NOT_READY_PROBE_S
+                return
+            self.failed(node, reason)
+            node.down.set()  # the node itself is unwell: stop waiting on it
+            return
+        finally:
+            self._probing.discard(node.url)
+        now = time.monotonic()
+        node.capabilities = capabilities
+        node.reported_busy = int(capabilities["in_flight"]) + int(capabilities["queued"])
+        node.in_flight_at_probe = node.in_flight
+        was_ready = node.ready
+        node.ready = capabilities.get("status", "ready") == "ready"
+        if node.ready and not was_ready:
+            node.down = asyncio.Event()
+            node.suspended_until = 0.0
+            node.last_error = None
+            logger.info("orchestrator %s is ready: %s", node.url, ", ".join(m["model_id"] for m in capabilities["models"]))
+        if not node.ready:
+            node.next_probe = now + NOT_READY_PROBE_S
+        elif node.in_flight:
+            node.next_probe = now + BUSY_PROBE_S
+        else:
+            node.next_probe = now + self._probe_interval_s
+        self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        now = time.monotonic()
+        nodes = self.nodes.values()
+        self._metrics.orchestrators.labels("known").set(len(self.nodes))
+        self._metrics.orchestrators.labels("healthy").set(sum(n.ready and not n.suspended(now) for n in nodes))
+        self._metrics.orchestrators.labels("suspended").set(sum(n.suspended(now) for n in nodes))
+
+    def describe(self) -> list[dict[str, Any]]:
+        """The operator's view (``GET /orchestrators``)."""
+        now = time.monotonic()
+        wall = time.time()
+        view = []
+        for node in self.nodes.values():
+            models = (node.capabilities or {}).get("models", [])
+            view.append(
+                {
+                    "url": node.url,
+                    "healthy": node.ready and not node.suspended(now),
+                    "suspended_until": wall + node.suspended_until - now if node.suspended(now) else None,
+                    "last_error": node.last_error,
+                    "node_id": (node.capabilities or {}).get("node_id"),
+                    "models_warm": [m["model_id"] for m in models if m["warm"] or m["loaded"]],
+                    "models_loadable": [m["model_id"] for m in models if not (m["warm"] or m["loaded"])],
+                    "capacity": (node.capabilities or {}).get("capacity"),
+                    "free": node.free() if node.capabilities else None,
+                    "in_flight": node.in_flight,
+                    "latency_s": None if node.latency_s is None else round(node.latency_s, 3),
+                }
+            )
+        return view
+
+
+def _check_capabilities(body: Any) -> dict[str, Any]:
+    """Accept a /capabilities answer only if it has the shape selection relies on."""
+    if not isinstance(body, dict):
+        raise ValueError("/capabilities is not a JSON object")
+    for key in ("capacity", "in_flight", "queued"):
+        value = body.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1_000_000:
+            raise ValueError(f"/capabilities has no valid {key!r}")
+    models = body.get("models")
+    if not isinstance(models, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("model_id"), str) and isinstance(m.get("warm"), bool) and isinstance(m.get("loaded"), bool)
+        for m in models
+    ):
+        raise ValueError("/capabilities has no valid 'models' list")
+    if not isinstance(body.get("status", "ready"), str):
+        raise ValueError("/capabilities has an invalid 'status'")
+    return body
+
+
+def retry_after_s(nodes: list[Node]) -> int:
+    """A hint for clients: about one typical generation, between 1 and 30 seconds."""
+    latencies = [node.latency_s for node in nodes if node.latency_s]
+    return max(1, min(30, math.ceil(min(latencies)) if latencies else 1))

@@ -1,0 +1,116 @@
+"""One attempt at a request on one orchestrator, and what its answer means for the gateway.
+
+Every way an attempt can end is one of four outcomes:
+
+- ``ok``: a well-formed image response;
+- ``client_error``: 400 or 422, the client's fault: returned as is, not retried, node not blamed;
+- ``busy``: 503 or 429, the node is full: try another, node not blamed;
+- ``failed``: anything else (connection error, timeout, 5xx, a wrong secret, garbage): try another
+  node, and suspend this one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from .nodes import Node
+
+Outcome = Literal["ok", "client_error", "busy", "failed"]
+_STREAM_PATH = re.compile(r"/stream/[A-Za-z0-9_-]{1,128}/[A-Za-z0-9_-]{1,128}\.png")
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptResult:
+    outcome: Outcome
+    status: int = 0
+    body: Any = None  # the parsed JSON body for ok and client_error
+    reason: str = ""  # why it failed, for logs and the last error message
+
+
+async def attempt(
+    session: aiohttp.ClientSession,
+    node: Node,
+    payload: bytes,
+    *,
+    headers: dict[str, str],
+    timeout: aiohttp.ClientTimeout,
+    expected_images: int,
+) -> AttemptResult:
+    """POST the request to ``node``; gives up as soon as the node is found down."""
+    request = asyncio.ensure_future(_post(session, node, payload, headers, timeout, expected_images))
+    down = asyncio.ensure_future(node.down.wait())
+    try:
+        await asyncio.wait({request, down}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        down.cancel()
+        if not request.done():
+            request.cancel()
+    if request.cancelled():
+        return AttemptResult("failed", reason="the node stopped answering its health probes")
+    return request.result()
+
+
+async def _post(
+    session: aiohttp.ClientSession,
+    node: Node,
+    payload: bytes,
+    headers: dict[str, str],
+    timeout: aiohttp.ClientTimeout,
+    expected_images: int,
+) -> AttemptResult:
+    try:
+        async with session.post(f"{node.url}/text-to-image", data=payload, headers=headers, timeout=timeout) as response:
+            raw = await response.read()
+            status = response.status
+    except TimeoutError:
+        return AttemptResult("failed", reason="timed out")
+    except aiohttp.ClientError as exc:
+        return AttemptResult("failed", reason=f"{type(exc).__name__}: {exc}")
+    if status in (400, 422):
+        body = _json_or_none(raw)
+        if not isinstance(body, dict) or "detail" not in body:
+            body = {"detail": {"msg": f"The orchestrator refused the request ({status})."}}
+        return AttemptResult("client_error", status, body)
+    if status in (429, 503):
+        return AttemptResult("busy", status, reason=f"busy ({status})")
+    if status != 200:
+        return AttemptResult("failed", status, reason=f"answered {status}")
+    body = _json_or_none(raw)
+    problem = _check_images(body, expected_images)
+    if problem:
+        return AttemptResult("failed", status, reason=f"malformed answer: {problem}")
+    return AttemptResult("ok", status, body)
+
+
+def _json_or_none(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
+
+
+def _check_images(body: Any, expected: int) -> str | None:
+    if not isinstance(body, dict) or not isinstance(body.get("images"), list):
+        return "no 'images' list"
+    images = body["images"]
+    if len(images) != expected:
+        return f"{len(images)} images instead of {expected}"
+    for image in images:
+        if not (
+            isinstance(image, dict)
+            and isinstance(image.get("url"), str)
+            and isinstance(image.get("seed"), int)
+            and not isinstance(image.get("seed"), bool)
+            and isinstance(image.get("nsfw"), bool)
+        ):
+            return "an image without a string url, an integer seed and a boolean nsfw"
+        if not _STREAM_PATH.fullmatch(urlsplit(image["url"]).path):
+            return f"an image url that is not /stream/<id>/<name>.png: {image['url'][:200]!r}"
+    return None
