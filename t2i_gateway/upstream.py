@@ -12,6 +12,7 @@ Every way an attempt can end is one of four outcomes:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 from dataclasses import dataclass
@@ -47,14 +48,16 @@ async def attempt(
     request = asyncio.ensure_future(_post(session, node, payload, headers, timeout, expected_images))
     down = asyncio.ensure_future(node.down.wait())
     try:
-        await asyncio.wait({request, down}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({request, down}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         down.cancel()
         if not request.done():
-            request.cancel()
-    if request.cancelled():
-        return AttemptResult("failed", reason="the node stopped answering its health probes")
-    return request.result()
+            request.cancel()  # found down, or our own client went away
+    if request in done:
+        return request.result()
+    with contextlib.suppress(asyncio.CancelledError):
+        await request
+    return AttemptResult("failed", reason="the node stopped answering its health probes")
 
 
 async def _post(

@@ -1,11 +1,13 @@
-"""Fakes for unit tests, named as such: no torch, no diffusers."""
+"""Fakes for tests, named as such: no torch, no diffusers."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import threading
 from collections.abc import Callable
 
+from aiohttp import web
 from PIL import Image
 
 from t2i_common.schemas import TextToImageRequest
@@ -55,3 +57,72 @@ class FakeEngine:
 
     def unload_all(self) -> None:
         self._loaded = ()
+
+
+class FakeOrchestrator:
+    """A fake node (a real aiohttp app on loopback) whose behaviour a test sets: ``mode`` is one of
+    ok, fail (500), busy (503), refuse (422), garbage (malformed JSON), wrong_types, hang."""
+
+    def __init__(self, models: list[dict[str, object]] | None = None, *, capacity: int = 4, secret: str | None = None) -> None:
+        self.models = models or [{"model_id": "m/warm", "pipeline": "text-to-image", "warm": True, "loaded": True}]
+        self.capacity = capacity
+        self.secret = secret
+        self.mode = "ok"
+        self.status = "ready"
+        self.busy_report = 0  # in_flight it reports
+        self.requests: list[dict[str, object]] = []
+        self.headers: list[dict[str, str]] = []
+        self.image = solid_png(8, 8, 1)
+        self.release = asyncio.Event()  # lets a "hang" request go
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/capabilities", self._capabilities)
+        app.router.add_post("/text-to-image", self._text_to_image)
+        app.router.add_get("/stream/{id}/{name}.png", self._stream)
+        return app
+
+    def _authorized(self, request: web.Request) -> bool:
+        return self.secret is None or request.headers.get("Authorization") == f"Bearer {self.secret}"
+
+    async def _capabilities(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return web.json_response({"detail": {"msg": "no"}}, status=401)
+        if self.mode == "hang":
+            await self.release.wait()
+        return web.json_response(
+            {"node_id": "fake", "version": "0", "device": "fake", "status": self.status, "capacity": self.capacity,
+             "in_flight": self.busy_report, "queued": 0, "models": self.models}
+        )
+
+    async def _text_to_image(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return web.json_response({"detail": {"msg": "no"}}, status=401)
+        body = await request.json()
+        self.requests.append(body)
+        self.headers.append(dict(request.headers))
+        if self.mode == "hang":
+            await self.release.wait()
+        if self.mode == "fail":
+            return web.json_response({"detail": {"msg": "boom"}}, status=500)
+        if self.mode == "busy":
+            return web.json_response({"detail": {"msg": "busy"}}, status=503, headers={"Retry-After": "1"})
+        if self.mode == "refuse":
+            return web.json_response({"detail": [{"loc": ["body", "prompt"], "msg": "fake refusal", "type": "value_error"}]}, status=422)
+        if self.mode == "garbage":
+            return web.Response(text='{"images": [', content_type="application/json")
+        if self.mode == "wrong_types":
+            return web.json_response({"images": [{"url": 5, "seed": "x", "nsfw": "no"}]})
+        n = int(body.get("num_images_per_prompt", 1))
+        seed = int(body.get("seed") or 0)
+        base = f"{request.scheme}://{request.host}"
+        return web.json_response(
+            {"images": [{"url": f"{base}/stream/{'ab' * 16}/{i:016x}.png", "seed": seed + i, "nsfw": False} for i in range(n)]}
+        )
+
+    async def _stream(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return web.json_response({"detail": {"msg": "no"}}, status=401)
+        if request.match_info["id"] != "ab" * 16:
+            return web.json_response({"detail": {"msg": "gone"}}, status=404)
+        return web.Response(body=self.image, content_type="image/png")

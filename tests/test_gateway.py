@@ -1,0 +1,357 @@
+"""The gateway against fake orchestrators (real HTTP on loopback): selection, retries, errors, /stream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from openapi_spec_validator import validate
+from prometheus_client import CollectorRegistry
+
+from discovery import Endpoint, StaticDiscovery
+from metrics import GatewayMetrics
+from t2i_gateway.app import POOL, create_app
+from t2i_gateway.config import GatewayConfig
+
+from .fakes import FakeOrchestrator
+
+BODY = {"prompt": "a cool cat on the beach", "width": 64, "height": 64}
+ON_DEMAND = [{"model_id": "m/warm", "pipeline": "text-to-image", "warm": False, "loaded": False}]
+
+
+@dataclass
+class Gateway:
+    client: TestClient
+    servers: list[TestServer]
+    metrics: GatewayMetrics
+
+    def url_of(self, index: int) -> str:
+        return str(self.servers[index].make_url("")).rstrip("/")
+
+    async def post(self, body: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+        return await self.client.post("/text-to-image", json=BODY if body is None else body, **kwargs)
+
+
+MakeGateway = Callable[..., Awaitable[Gateway]]
+
+
+@pytest.fixture
+def make_gateway(aiohttp_client: Any, aiohttp_server: Any) -> MakeGateway:
+    async def make(*fakes: FakeOrchestrator, wait_ready: bool = True, **overrides: Any) -> Gateway:
+        servers = [await aiohttp_server(fake.app()) for fake in fakes]
+        endpoints = [Endpoint(str(server.make_url("")).rstrip("/")) for server in servers]
+        metrics = GatewayMetrics(CollectorRegistry())
+        config = GatewayConfig(orchestrators=tuple(e.url for e in endpoints), **overrides)
+        app = create_app(config, discovery=StaticDiscovery(endpoints), stream_secret=b"test-secret", metrics_=metrics)
+        client = await aiohttp_client(app)
+        gateway = Gateway(client, servers, metrics)
+        if wait_ready:
+            await wait_until(lambda: all(n.capabilities for n in app[POOL].nodes.values()) and len(app[POOL].healthy()) > 0)
+        return gateway
+
+    return make
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    for _ in range(int(timeout / 0.02)):
+        if condition():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("condition not met in time")
+
+
+async def test_requests_spread_across_equal_nodes(make_gateway: MakeGateway) -> None:
+    fakes = [FakeOrchestrator(), FakeOrchestrator(), FakeOrchestrator()]
+    gateway = await make_gateway(*fakes)
+    # One at a time, every node is equally free: ties are broken at random, no node always first.
+    for _ in range(30):
+        assert (await gateway.post()).status == 200
+    counts = [len(fake.requests) for fake in fakes]
+    assert sum(counts) == 30 and min(counts) >= 3, counts
+
+
+async def test_concurrent_requests_fill_nodes_by_free_capacity(make_gateway: MakeGateway) -> None:
+    fakes = [FakeOrchestrator(capacity=4) for _ in range(3)]
+    for fake in fakes:
+        fake.mode = "hang"
+    gateway = await make_gateway(*fakes, wait_ready=False)
+    for fake in fakes:
+        fake.mode = "ok"
+    pool = gateway.client.app[POOL]  # type: ignore[index]
+    await wait_until(lambda: len(pool.healthy()) == 3)
+    for fake in fakes:
+        fake.mode = "hang"
+    pool._probe_interval_s = 60  # keep probes (which would hang too) out of the way  # noqa: SLF001
+    tasks = [asyncio.create_task(gateway.post()) for _ in range(12)]
+    await wait_until(lambda: sum(len(fake.requests) for fake in fakes) == 12)
+    assert [len(fake.requests) for fake in fakes] == [4, 4, 4]
+    refused = await gateway.post()  # every slot is taken now
+    assert refused.status == 503 and "Retry-After" in refused.headers
+    for fake in fakes:
+        fake.release.set()
+    assert [response.status for response in await asyncio.gather(*tasks)] == [200] * 12
+
+
+async def test_warm_nodes_are_preferred_over_on_demand_ones(make_gateway: MakeGateway) -> None:
+    cold, warm = FakeOrchestrator(ON_DEMAND), FakeOrchestrator()
+    gateway = await make_gateway(cold, warm)
+    for _ in range(5):
+        assert (await gateway.post()).status == 200
+    assert (len(cold.requests), len(warm.requests)) == (0, 5)
+    warm.mode = "fail"  # when the warm node fails, the on-demand one serves
+    assert (await gateway.post()).status == 200
+    assert len(cold.requests) == 1
+
+
+async def test_never_a_node_that_does_not_offer_the_model(make_gateway: MakeGateway) -> None:
+    other = FakeOrchestrator([{"model_id": "m/other", "pipeline": "text-to-image", "warm": True, "loaded": True}])
+    fake = FakeOrchestrator()
+    gateway = await make_gateway(other, fake)
+    for _ in range(6):
+        assert (await gateway.post({**BODY, "model_id": "m/warm"})).status == 200
+    assert (len(other.requests), len(fake.requests)) == (0, 6)
+
+
+async def test_the_default_model_is_filled_in_for_the_node(make_gateway: MakeGateway) -> None:
+    fake = FakeOrchestrator()
+    gateway = await make_gateway(fake)
+    assert (await gateway.post()).status == 200
+    assert fake.requests[0]["model_id"] == "m/warm" and fake.requests[0]["prompt"] == BODY["prompt"]
+
+
+async def test_unknown_model_is_a_400_listing_the_offer(make_gateway: MakeGateway) -> None:
+    gateway = await make_gateway(FakeOrchestrator())
+    response = await gateway.post({**BODY, "model_id": "m/missing"})
+    assert response.status == 400
+    message = (await response.json())["detail"]["msg"]
+    assert "m/missing" in message and "m/warm" in message
+
+
+async def test_failure_is_retried_elsewhere_and_the_node_suspended(make_gateway: MakeGateway) -> None:
+    bad, good = FakeOrchestrator(), FakeOrchestrator()
+    bad.mode = "fail"
+    gateway = await make_gateway(bad, good)
+    for _ in range(4):
+        response = await gateway.post()
+        assert response.status == 200
+    assert len(bad.requests) == 1  # suspended after its first failure
+    view = {n["url"]: n for n in (await (await gateway.client.get("/orchestrators")).json())["orchestrators"]}
+    assert view[gateway.url_of(0)]["healthy"] is False and view[gateway.url_of(0)]["suspended_until"]
+    assert view[gateway.url_of(1)]["healthy"] is True
+    registry = gateway.metrics.registry
+    assert registry.get_sample_value("t2i_gateway_retries_total") == 1
+    assert registry.get_sample_value("t2i_gateway_attempts_total", {"orchestrator": gateway.url_of(0), "outcome": "failed"}) == 1
+
+
+@pytest.mark.parametrize("mode", ["garbage", "wrong_types", "fail"])
+async def test_garbage_answers_are_retried(make_gateway: MakeGateway, mode: str) -> None:
+    bad, good = FakeOrchestrator(), FakeOrchestrator()
+    bad.mode = mode
+    good.busy_report = 2  # the bad node looks freer, so it is tried first
+    gateway = await make_gateway(bad, good)
+    response = await gateway.post()
+    assert response.status == 200
+    assert len(bad.requests) == 1 and len(good.requests) == 1
+
+
+async def test_suspended_node_is_readmitted_after_a_good_probe(make_gateway: MakeGateway) -> None:
+    flaky = FakeOrchestrator()
+    flaky.mode = "fail"
+    gateway = await make_gateway(flaky, probe_interval_s=0.1)
+    assert (await gateway.post()).status == 503
+    flaky.mode = "ok"
+    pool = gateway.client.app[POOL]  # type: ignore[index]
+    await wait_until(lambda: len(pool.healthy()) == 1, timeout=4)
+    assert (await gateway.post()).status == 200
+
+
+async def test_client_errors_pass_through_without_retry_or_blame(make_gateway: MakeGateway) -> None:
+    refusing, other = FakeOrchestrator(), FakeOrchestrator()
+    refusing.mode = "refuse"
+    other.busy_report = 3  # so the refusing node is chosen
+    gateway = await make_gateway(refusing, other)
+    response = await gateway.post()
+    assert response.status == 422
+    assert (await response.json())["detail"][0]["msg"] == "fake refusal"
+    assert (len(refusing.requests), len(other.requests)) == (1, 0)
+    assert len(gateway.client.app[POOL].healthy()) == 2  # type: ignore[index]
+
+
+async def test_busy_everywhere_is_a_503_with_retry_after(make_gateway: MakeGateway) -> None:
+    a, b = FakeOrchestrator(), FakeOrchestrator()
+    a.mode = b.mode = "busy"
+    gateway = await make_gateway(a, b)
+    response = await gateway.post()
+    assert response.status == 503
+    assert int(response.headers["Retry-After"]) >= 1
+    assert (await response.json())["detail"]["msg"]
+    assert len(gateway.client.app[POOL].healthy()) == 2  # busy is not a fault  # type: ignore[index]
+    # Until the next probe both count as full: the next request is refused without trying them.
+    response = await gateway.post()
+    assert response.status == 503 and (len(a.requests), len(b.requests)) == (1, 1)
+
+
+async def test_full_capacity_is_a_503_without_any_attempt(make_gateway: MakeGateway) -> None:
+    full = FakeOrchestrator(capacity=2)
+    full.busy_report = 2
+    gateway = await make_gateway(full)
+    response = await gateway.post()
+    assert response.status == 503 and "Retry-After" in response.headers
+    assert full.requests == []
+
+
+async def test_attempts_are_bounded_by_max_attempts(make_gateway: MakeGateway) -> None:
+    fakes = [FakeOrchestrator() for _ in range(4)]
+    for fake in fakes:
+        fake.mode = "fail"
+    gateway = await make_gateway(*fakes, max_attempts=2)
+    response = await gateway.post()
+    assert response.status == 503
+    assert sum(len(fake.requests) for fake in fakes) == 2
+    assert "2 tried" in (await response.json())["detail"]["msg"]
+
+
+async def test_a_hanging_node_is_abandoned_when_its_probe_fails(make_gateway: MakeGateway) -> None:
+    hanging, good = FakeOrchestrator(), FakeOrchestrator()
+    hanging.mode = "hang"
+    good.busy_report = 1
+    gateway = await make_gateway(hanging, good, probe_timeout_s=0.3, wait_ready=False)
+    pool = gateway.client.app[POOL]  # type: ignore[index]
+    hanging.mode = "ok"
+    await wait_until(lambda: len(pool.healthy()) == 2)
+    hanging.mode = "hang"
+    response = await asyncio.wait_for(gateway.post(), timeout=8)
+    hanging.release.set()
+    assert response.status == 200
+    assert (len(hanging.requests), len(good.requests)) == (1, 1)
+
+
+async def test_validation_happens_at_the_gateway(make_gateway: MakeGateway) -> None:
+    fake = FakeOrchestrator()
+    gateway = await make_gateway(fake)
+    response = await gateway.post({"prompt": "a", "width": 100})
+    assert response.status == 422 and (await response.json())["detail"][0]["loc"] == ["body", "width"]
+    response = await gateway.client.post("/text-to-image", data=b"{", headers={"Content-Type": "application/json"})
+    assert response.status == 400
+    assert fake.requests == []
+
+
+async def test_api_keys_are_enforced(make_gateway: MakeGateway) -> None:
+    gateway = await make_gateway(FakeOrchestrator(), api_keys=frozenset({"key-1", "key-2"}))
+    for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "key-1"}, {"Authorization": "Basic key-1"}):
+        response = await gateway.post(headers=headers)
+        assert response.status == 401
+        assert "API key" in (await response.json())["detail"]["msg"]
+    assert (await gateway.post(headers={"Authorization": "Bearer key-2"})).status == 200
+
+
+async def test_the_orchestrator_secret_and_request_id_are_sent(make_gateway: MakeGateway) -> None:
+    fake = FakeOrchestrator(secret="node-secret")
+    gateway = await make_gateway(fake, orchestrator_secret="node-secret")
+    response = await gateway.post(headers={"X-Request-ID": "req-123"})
+    assert response.status == 200 and response.headers["X-Request-ID"] == "req-123"
+    assert fake.headers[0]["X-Request-ID"] == "req-123"
+
+
+async def test_a_wrong_orchestrator_secret_never_makes_the_node_usable(make_gateway: MakeGateway) -> None:
+    fake = FakeOrchestrator(secret="node-secret")
+    gateway = await make_gateway(fake, orchestrator_secret="wrong", wait_ready=False)
+    await asyncio.sleep(0.3)
+    response = await gateway.post()
+    assert response.status == 503 and fake.requests == []
+    assert (await gateway.client.get("/health")).status == 503
+
+
+async def test_stream_returns_the_orchestrators_bytes(make_gateway: MakeGateway) -> None:
+    fake = FakeOrchestrator(secret="s")
+    fake.image = bytes(range(256)) * 40_000  # 10 MB: streamed through in chunks
+    gateway = await make_gateway(fake, orchestrator_secret="s", public_url="https://gw.example")
+    images = (await (await gateway.post({**BODY, "num_images_per_prompt": 2})).json())["images"]
+    assert [image["seed"] for image in images] == [0, 1]
+    for image in images:
+        assert image["url"].startswith("https://gw.example/stream/")
+        response = await gateway.client.get(image["url"].removeprefix("https://gw.example"))
+        assert response.status == 200
+        assert response.headers["Content-Type"] == "image/png"
+        assert int(response.headers["Content-Length"]) == len(fake.image)
+        assert "max-age" in response.headers["Cache-Control"]
+        assert await response.read() == fake.image
+    assert gateway.metrics.registry.get_sample_value("t2i_gateway_stream_bytes_total") == 2 * len(fake.image)
+
+
+async def test_tampered_and_forged_stream_ids_are_404(make_gateway: MakeGateway) -> None:
+    gateway = await make_gateway(FakeOrchestrator())
+    url = (await (await gateway.post()).json())["images"][0]["url"]
+    path = "/" + url.split("/", 3)[3]
+    _, _, token, name = path.split("/")
+    payload, mac = token.split(".")
+    forged_payload = payload[:-2] + ("AA" if payload[-2:] != "AA" else "BB")
+    for candidate in (
+        f"/stream/{forged_payload}.{mac}/{name}",
+        f"/stream/{payload}.{mac[:-1]}A/{name}",
+        f"/stream/{token}/1111111111111111.png",
+        f"/stream/{'x' * 2000}/{name}",
+        "/stream/..%2F..%2Fetc/passwd.png",
+    ):
+        response = await gateway.client.get(candidate)
+        assert response.status == 404, candidate
+        assert (await response.json())["detail"]["msg"]
+    assert (await gateway.client.get(path)).status == 200
+
+
+async def test_stream_ids_work_on_any_gateway_with_the_same_secret(make_gateway: MakeGateway, aiohttp_client: Any) -> None:
+    gateway = await make_gateway(FakeOrchestrator())
+    url = (await (await gateway.post()).json())["images"][0]["url"]
+    path = "/" + url.split("/", 3)[3]
+    node = gateway.url_of(0)
+    for secret, status in ((b"test-secret", 200), (b"other-secret", 404)):
+        config = GatewayConfig(orchestrators=(node,))
+        other = await aiohttp_client(create_app(config, discovery=StaticDiscovery([Endpoint(node)]), stream_secret=secret,
+                                                metrics_=GatewayMetrics(CollectorRegistry())))
+        assert (await other.get(path)).status == status
+
+
+async def test_expired_stream_ids_are_404(make_gateway: MakeGateway) -> None:
+    gateway = await make_gateway(FakeOrchestrator(), image_ttl_s=0.5)
+    url = (await (await gateway.post()).json())["images"][0]["url"]
+    path = "/" + url.split("/", 3)[3]
+    await asyncio.sleep(1.6)
+    assert (await gateway.client.get(path)).status == 404
+
+
+async def test_health_waits_for_a_ready_orchestrator(make_gateway: MakeGateway) -> None:
+    fake = FakeOrchestrator()
+    fake.status = "loading"
+    gateway = await make_gateway(fake, wait_ready=False)
+    await asyncio.sleep(0.3)
+    assert (await gateway.client.get("/health")).status == 503
+    assert (await gateway.post()).status == 503
+    fake.status = "ready"
+    await wait_until(lambda: len(gateway.client.app[POOL].healthy()) == 1, timeout=2)  # type: ignore[index]
+    assert (await gateway.client.get("/health")).status == 200
+
+
+async def test_openapi_document_is_valid_and_matches_validation(make_gateway: MakeGateway) -> None:
+    gateway = await make_gateway(FakeOrchestrator(), api_keys=frozenset({"k"}))
+    document = await (await gateway.client.get("/openapi.json")).json()
+    validate(document)
+    params = document["components"]["schemas"]["TextToImageParams"]
+    assert params["required"] == ["prompt"] and params["additionalProperties"] is False
+    assert params["properties"]["width"]["multipleOf"] == 8
+    assert set(document["paths"]["/text-to-image"]["post"]["responses"]) >= {"200", "400", "401", "422", "503"}
+
+
+async def test_metrics_and_orchestrator_view(make_gateway: MakeGateway) -> None:
+    gateway = await make_gateway(FakeOrchestrator(), FakeOrchestrator(ON_DEMAND))
+    await gateway.post()
+    text = await (await gateway.client.get("/metrics")).text()
+    assert 't2i_gateway_requests_total{model="m/warm",status="200"} 1.0' in text
+    assert 't2i_gateway_orchestrators{state="healthy"} 2.0' in text
+    view = (await (await gateway.client.get("/orchestrators")).json())["orchestrators"]
+    assert sorted(tuple(n["models_warm"]) for n in view) == [(), ("m/warm",)]
+    assert all(n["capacity"] == 4 for n in view)
