@@ -7,7 +7,7 @@ READY := $(VENV)/.installed
 .PHONY: run test clean
 
 run: $(READY)
-	$(BIN)/t2i-orchestrator
+	$(BIN)/t2i-gateway --local-orchestrator
 
 test: $(READY)
 	$(BIN)/pytest

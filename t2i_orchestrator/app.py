@@ -134,14 +134,19 @@ async def _registration(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     assert config.register and config.advertise_url
 
+    async def heartbeat() -> None:
+        try:
+            await asyncio.to_thread(registry.register, config.register, config.advertise_url, heartbeat=True)
+        except (OSError, registry.RegistryError) as exc:
+            logger.error("could not write a heartbeat to %s: %s", config.register, exc)
+
     async def heartbeat_forever() -> None:
         while True:
-            try:
-                await asyncio.to_thread(registry.register, config.register, config.advertise_url, heartbeat=True)
-            except (OSError, registry.RegistryError) as exc:
-                logger.error("could not write heartbeat to %s: %s", config.register, exc)
             await asyncio.sleep(config.heartbeat_interval_s)
+            await heartbeat()
 
+    await heartbeat()
+    logger.info("registered %s in %s", config.advertise_url, config.register)
     task = asyncio.create_task(heartbeat_forever())
     yield
     task.cancel()

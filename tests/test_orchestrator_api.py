@@ -274,3 +274,20 @@ async def test_metrics_count_requests_and_images(make_client: MakeClient) -> Non
     assert 't2i_orchestrator_inference_seconds_count{model="warm/model"} 2.0' in text  # warm-up + request
     assert "t2i_orchestrator_queue_depth 0.0" in text and "t2i_orchestrator_loaded_models 1.0" in text
 
+
+
+async def test_node_registers_heartbeats_and_deregisters(aiohttp_client: Any, tmp_path: Path) -> None:
+    from discovery.registry import read_registry
+
+    registry = tmp_path / "registry.json"
+    config = OrchestratorConfig(
+        storage_dir=tmp_path / "images", register=registry, advertise_url="http://10.1.2.3:8936", heartbeat_interval_s=0.05
+    )
+    client = await aiohttp_client(create_app(config, engine=FakeEngine(), metrics_=OrchestratorMetrics(CollectorRegistry())))
+    [entry] = read_registry(registry)
+    assert entry.url == "http://10.1.2.3:8936" and entry.heartbeat is not None
+    first = entry.heartbeat
+    await asyncio.sleep(0.2)
+    assert read_registry(registry)[0].heartbeat > first  # type: ignore[operator]
+    await client.close()
+    assert read_registry(registry) == []

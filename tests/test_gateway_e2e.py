@@ -1,0 +1,141 @@
+"""End to end with real processes: three ``t2i-orchestrator``s with the demo model and a ``t2i-gateway``.
+
+The tests run in file order on one set of processes: spreading and warm-first selection, then a
+hung node (SIGSTOP), then a node killed mid-run (SIGKILL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import re
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from .processes import Daemon, start, wait_healthy
+
+pytestmark = pytest.mark.slow
+
+SECRET = "e2e-node-secret"
+BODY = {"prompt": "a cool cat on the beach", "width": 128, "height": 128, "num_inference_steps": 4}
+
+
+@pytest.fixture(scope="module")
+def network(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Iterator[dict[str, Any]]:
+    logs = tmp_path_factory.mktemp("logs")
+    on_demand = logs / "on-demand.json"
+    on_demand.write_text(json.dumps([{"pipeline": "text-to-image", "model_id": "t2i/tiny-sd", "warm": False}]))
+    common = ["--cache-dir", str(model_cache), "--threads", "1"]
+    env = {"T2I_ORCHESTRATOR_SECRET": SECRET}
+    nodes = [
+        start("t2i_orchestrator", [*common, "--storage-dir", str(logs / f"images-{name}"), *extra], logs, env)
+        for name, extra in (("a", []), ("b", []), ("c", ["--models", str(on_demand)]))
+    ]
+    gateway_args = [arg for node in nodes for arg in ("--orchestrator", node.url)]
+    gateway = start(
+        "t2i_gateway",
+        [*gateway_args, "--probe-interval", "1", "--probe-timeout", "2", "--request-timeout", "60", "--max-attempts", "3"],
+        logs,
+        {"T2I_GATEWAY_ORCHESTRATOR_SECRET": SECRET},
+    )
+    try:
+        for daemon in [*nodes, gateway]:
+            wait_healthy(daemon)
+        yield {"nodes": nodes, "gateway": gateway}
+    finally:
+        for daemon in [gateway, *nodes]:
+            daemon.stop()
+
+
+async def generate(session: aiohttp.ClientSession, gateway: Daemon, count: int, concurrency: int) -> list[int]:
+    """Send ``count`` requests, ``concurrency`` at a time; returns the statuses."""
+    semaphore = asyncio.Semaphore(concurrency)
+
+    async def one() -> int:
+        async with semaphore, session.post(f"{gateway.url}/text-to-image", json=BODY) as response:
+            await response.read()
+            return response.status
+
+    return list(await asyncio.gather(*(one() for _ in range(count))))
+
+
+async def served_by(session: aiohttp.ClientSession, gateway: Daemon) -> dict[str, float]:
+    """Successful attempts per orchestrator, from the gateway's own metrics."""
+    async with session.get(f"{gateway.url}/metrics") as response:
+        text = await response.text()
+    pattern = r't2i_gateway_attempts_total\{orchestrator="([^"]+)",outcome="ok"\} (\S+)'
+    return {url: float(value) for url, value in re.findall(pattern, text)}
+
+
+async def test_requests_spread_over_warm_nodes_and_images_come_through(network: dict[str, Any]) -> None:
+    a, b, c = network["nodes"]
+    gateway = network["gateway"]
+    async with aiohttp.ClientSession() as session:
+        for _ in range(8):  # one at a time: every warm node is equally free, ties go at random
+            async with session.post(f"{gateway.url}/text-to-image", json=BODY) as response:
+                assert response.status == 200
+                [image] = (await response.json())["images"]
+        counts = await served_by(session, gateway)
+        assert counts.get(a.url, 0) >= 1 and counts.get(b.url, 0) >= 1
+        assert counts.get(c.url, 0) == 0  # on-demand only: never chosen while warm nodes are free
+
+        # The image through the gateway is byte for byte the node's.
+        assert image["url"].startswith(f"{gateway.url}/stream/")
+        async with session.get(image["url"]) as response:
+            assert response.status == 200 and response.headers["Content-Type"] == "image/png"
+            through_gateway = await response.read()
+        token = image["url"].split("/")[-2]
+        node_url, path, _ = json.loads(base64.urlsafe_b64decode(token.split(".")[0] + "=="))
+        async with session.get(f"{node_url}{path}", headers={"Authorization": f"Bearer {SECRET}"}) as response:
+            assert await response.read() == through_gateway
+
+
+async def test_a_hung_node_is_timed_out_and_requests_succeed_elsewhere(network: dict[str, Any]) -> None:
+    a, b, _ = network["nodes"]
+    gateway = network["gateway"]
+    async with aiohttp.ClientSession() as session:
+        os.kill(b.process.pid, signal.SIGSTOP)
+        try:
+            statuses = await asyncio.wait_for(generate(session, gateway, 10, 3), timeout=90)
+        finally:
+            os.kill(b.process.pid, signal.SIGCONT)
+        assert statuses == [200] * 10
+        async with session.get(f"{gateway.url}/orchestrators") as response:
+            view = {node["url"]: node for node in (await response.json())["orchestrators"]}
+        assert view[b.url]["last_error"] or not view[b.url]["healthy"]
+
+
+async def test_a_node_killed_mid_run_costs_the_clients_nothing(network: dict[str, Any]) -> None:
+    a, b, _ = network["nodes"]
+    gateway = network["gateway"]
+    async with aiohttp.ClientSession() as session:
+        # Let the resumed node be readmitted first, so that the kill hits a node in use.
+        for _ in range(50):
+            async with session.get(f"{gateway.url}/orchestrators") as response:
+                if all(node["healthy"] for node in (await response.json())["orchestrators"]):
+                    break
+            await asyncio.sleep(0.2)
+        before = (await served_by(session, gateway)).get(a.url, 0)
+        retries_before = await metric(session, gateway, "t2i_gateway_retries_total")
+        load = asyncio.create_task(generate(session, gateway, 24, 4))
+        while (await served_by(session, gateway)).get(a.url, 0) < before + 2:  # a is serving this load
+            await asyncio.sleep(0.05)
+        a.process.send_signal(signal.SIGKILL)
+        statuses = await asyncio.wait_for(load, timeout=120)
+        assert statuses == [200] * 24
+        # Requests that were on the killed node were moved to another one.
+        assert await metric(session, gateway, "t2i_gateway_retries_total") > retries_before
+
+
+async def metric(session: aiohttp.ClientSession, daemon: Daemon, name: str) -> float:
+    async with session.get(f"{daemon.url}/metrics") as response:
+        text = await response.text()
+    match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
