@@ -109,15 +109,16 @@ class NodePool:
         return sorted({m["model_id"] for node in self.nodes.values() for m in (node.capabilities or {}).get("models", [])})
 
     def default_model(self) -> str | None:
-        """The model warm on the most ready nodes (the gateway's default when a request names none)."""
-        counts = Counter(
-            m["model_id"]
-            for node in self.nodes.values()
-            if node.ready
-            for m in (node.capabilities or {}).get("models", [])
-            if m["warm"]
-        )
-        return counts.most_common(1)[0][0] if counts else None
+        """The gateway's default when a request names no model: the one warm on the most ready nodes,
+        else the one offered by the most ready nodes."""
+        ready = [node for node in self.nodes.values() if node.ready]
+        for warm_only in (True, False):
+            counts = Counter(
+                m["model_id"] for node in ready for m in (node.capabilities or {}).get("models", []) if m["warm"] or not warm_only
+            )
+            if counts:
+                return counts.most_common(1)[0][0]
+        return None
 
     def healthy(self) -> list[Node]:
         now = time.monotonic()
@@ -146,6 +147,8 @@ class NodePool:
     def failed(self, node: Node, reason: str) -> None:
         """Suspend it with exponential backoff; it is re-admitted by a successful probe afterwards."""
         now = time.monotonic()
+        if node.suspended(now):
+            return  # the same episode, reported by another request or the prober: counted once
         node.failures += 1
         suspension = min(MAX_SUSPENSION_S, 2.0 ** (node.failures - 1))
         node.suspended_until = max(node.suspended_until, now + suspension)
@@ -209,7 +212,7 @@ class NodePool:
                     raise ValueError(f"/capabilities answered {response.status}")
                 capabilities = _check_capabilities(await response.json(content_type=None))
         except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as exc:
-            reason = f"probe: {exc or type(exc).__name__}"
+            reason = f"probe: {str(exc) or type(exc).__name__}"
             if self.nodes.get(node.url) is not node:
                 return
             if node.capabilities is None:

@@ -134,3 +134,23 @@ async def test_on_demand_model_loads_once_under_concurrent_requests(
     assert [response.status for response in responses] == [200] * 4
     assert metrics.registry.get_sample_value("t2i_orchestrator_model_load_seconds_count", {"model": "tiny/on-demand"}) == 1
     assert metrics.registry.get_sample_value("t2i_orchestrator_images_generated_total", {"model": "tiny/on-demand"}) == 4
+
+
+def test_out_of_memory_is_a_500_and_the_engine_keeps_serving(engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from t2i_orchestrator.engine import OutOfMemory
+
+    engine.load(DEMO_MODEL_ID)
+    model = engine._loaded[DEMO_MODEL_ID]  # noqa: SLF001 - swap in a pipeline that runs out of memory
+
+    def out_of_memory(**_: Any) -> Any:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    real_pipe = model.pipe
+    monkeypatch.setattr(model, "pipe", out_of_memory)
+    with pytest.raises(OutOfMemory, match="Out of GPU memory") as caught:
+        generate(engine)
+    assert caught.value.status == 500
+    monkeypatch.setattr(model, "pipe", real_pipe)
+    assert generate(engine)[0].png.startswith(b"\x89PNG")

@@ -355,3 +355,18 @@ async def test_metrics_and_orchestrator_view(make_gateway: MakeGateway) -> None:
     view = (await (await gateway.client.get("/orchestrators")).json())["orchestrators"]
     assert sorted(tuple(n["models_warm"]) for n in view) == [(), ("m/warm",)]
     assert all(n["capacity"] == 4 for n in view)
+
+
+async def test_without_warm_models_the_default_is_an_offered_one(make_gateway: MakeGateway) -> None:
+    cold = FakeOrchestrator(ON_DEMAND)
+    gateway = await make_gateway(cold)
+    assert (await gateway.post()).status == 200
+    assert cold.requests[0]["model_id"] == "m/warm"
+
+
+def test_the_gateway_never_imports_torch_or_diffusers() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, t2i_gateway.__main__, discovery.registry; print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"

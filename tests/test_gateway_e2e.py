@@ -48,10 +48,22 @@ def network(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Iter
     try:
         for daemon in [*nodes, gateway]:
             wait_healthy(daemon)
+        asyncio.run(wait_all_healthy(gateway))
         yield {"nodes": nodes, "gateway": gateway}
     finally:
         for daemon in [gateway, *nodes]:
             daemon.stop()
+
+
+async def wait_all_healthy(gateway: Daemon) -> None:
+    """Until the gateway has seen every node ready."""
+    async with aiohttp.ClientSession() as session:
+        for _ in range(100):
+            async with session.get(f"{gateway.url}/orchestrators") as response:
+                if all(node["healthy"] for node in (await response.json())["orchestrators"]):
+                    return
+            await asyncio.sleep(0.2)
+    raise AssertionError("the gateway never saw every node healthy")
 
 
 async def generate(session: aiohttp.ClientSession, gateway: Daemon, count: int, concurrency: int) -> list[int]:
@@ -116,12 +128,7 @@ async def test_a_node_killed_mid_run_costs_the_clients_nothing(network: dict[str
     a, b, _ = network["nodes"]
     gateway = network["gateway"]
     async with aiohttp.ClientSession() as session:
-        # Let the resumed node be readmitted first, so that the kill hits a node in use.
-        for _ in range(50):
-            async with session.get(f"{gateway.url}/orchestrators") as response:
-                if all(node["healthy"] for node in (await response.json())["orchestrators"]):
-                    break
-            await asyncio.sleep(0.2)
+        await wait_all_healthy(gateway)  # the resumed node is readmitted first
         before = (await served_by(session, gateway)).get(a.url, 0)
         retries_before = await metric(session, gateway, "t2i_gateway_retries_total")
         load = asyncio.create_task(generate(session, gateway, 24, 4))
