@@ -38,6 +38,28 @@ class Option:
         return self.name.replace("-", "_")
 
 
+def secret_options(name: str, help: str) -> tuple[Option, Option]:
+    """``--NAME`` and ``--NAME-file``: a secret is best kept in a file or the environment, off command lines."""
+    return Option(name, f"{help}; better given in the environment or with --{name}-file"), Option(
+        f"{name}-file", f"file holding the {name.replace('-', ' ')} (first line)", type=Path
+    )
+
+
+def read_secret(values: dict[str, Any], name: str) -> str | None:
+    """The secret from ``--NAME-file`` if given, else from ``--NAME`` (or its variable or config key)."""
+    dest = name.replace("-", "_")
+    path = values.get(f"{dest}_file")
+    if path is None:
+        return values.get(dest) or None
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise ConfigError(f"--{name}-file: cannot read {path}: {exc.strerror}") from None
+    if not lines or not lines[0].strip():
+        raise ConfigError(f"--{name}-file: {path} is empty")
+    return lines[0].strip()
+
+
 def parse_bool(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -135,6 +157,14 @@ LIMIT_OPTIONS = (
     Option("max-pixels", "largest width x height x num_images_per_prompt", type=positive(int), default=_LIMITS.max_pixels),
     Option("max-steps", "largest num_inference_steps", type=positive(int), default=_LIMITS.max_steps),
     Option("max-images", "largest num_images_per_prompt", type=positive(int), default=_LIMITS.max_images),
+)
+
+
+# Shared by both daemons.
+COMMON_OPTIONS = (
+    Option("shutdown-grace", "seconds that requests in flight get to finish after SIGTERM", type=positive(float), default=120.0),
+    Option("log-prompts", "log prompts in full (by default only their length and a hash)", flag=True, default=False),
+    Option("log-level", "debug, info, warning or error", default="info"),
 )
 
 

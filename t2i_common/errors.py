@@ -8,6 +8,7 @@ The wire shapes are the Livepeer runner's, so existing clients can parse them:
     ├── BadRequest            400  malformed JSON, unknown model, LoRA that cannot be loaded
     ├── Unauthorized          401  missing or wrong bearer token
     ├── NotFound              404  unknown route, unknown or expired image
+    ├── UnsupportedMediaType  415  a body that is not declared as JSON
     ├── InvalidFields         422  one entry per offending field
     ├── InternalError         500  generation failed (CUDA out of memory, ...)
     ├── BadGateway            502  the orchestrator holding an image cannot be reached
@@ -53,6 +54,10 @@ class Unauthorized(APIError):
 
 class NotFound(APIError):
     status = 404
+
+
+class UnsupportedMediaType(APIError):
+    status = 415
 
 
 class InternalError(APIError):

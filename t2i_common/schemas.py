@@ -13,7 +13,7 @@ from typing import Any
 
 from marshmallow import Schema, ValidationError, fields, post_load, validate, validates_schema
 
-from .errors import BadRequest, InvalidFields
+from .errors import BadRequest, InvalidFields, UnsupportedMediaType
 
 MAX_SEED = 2**32 - 1
 
@@ -178,8 +178,11 @@ def _parse_loras(text: str, limits: Limits) -> tuple[tuple[str, float], ...]:
     return tuple(parsed)
 
 
-def parse_request(body: bytes, schema: Schema) -> TextToImageRequest:
-    """Decode and validate a request body, raising the API's 400 or 422 errors."""
+def parse_request(body: bytes, content_type: str | None, schema: Schema) -> TextToImageRequest:
+    """Decode and validate a request body, raising the API's 400, 415 or 422 errors."""
+    media_type = (content_type or "application/json").split(";")[0].strip().lower()
+    if media_type != "application/json" and not media_type.endswith("+json"):
+        raise UnsupportedMediaType(f"The body must be JSON: send 'Content-Type: application/json', not {media_type!r}.")
     try:
         data = json.loads(body)
     except ValueError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import ssl
@@ -13,7 +14,9 @@ from aiohttp import web
 from discovery import CombinedDiscovery, Discovery, Endpoint, StaticDiscovery
 from discovery.registry import RegistryFileDiscovery
 from metrics import GatewayMetrics
+from t2i_common import logs
 from t2i_common.config import ConfigError
+from t2i_common.server import serve
 
 from .app import create_app
 from .config import GatewayConfig, load_config
@@ -47,9 +50,7 @@ def build_app(config: GatewayConfig) -> web.Application:
 def main(argv: Sequence[str] | None = None) -> None:
     try:
         config = load_config(argv)
-        logging.basicConfig(
-            level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-        )
+        logs.configure(config.log_level)
         ssl_context = None
         if config.tls_cert and config.tls_key:
             ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -60,10 +61,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         app = build_app(config)
     except ConfigError as exc:
         sys.exit(f"t2i-gateway: {exc}")
-    scheme = "https" if ssl_context else "http"
-    logger.info("gateway on %s://%s:%d", scheme, config.host, config.port)
-    # handler_cancellation: a client that goes away cancels its request upstream too.
-    web.run_app(app, host=config.host, port=config.port, ssl_context=ssl_context, handler_cancellation=True, print=None)
+    asyncio.run(serve(app, host=config.host, port=config.port, grace_s=config.shutdown_grace_s, ssl_context=ssl_context))
 
 
 if __name__ == "__main__":

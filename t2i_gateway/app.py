@@ -10,6 +10,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -30,7 +31,9 @@ from t2i_common.errors import (
     Unauthorized,
     error_middleware,
 )
+from t2i_common.logs import prompt_for_log
 from t2i_common.schemas import build_request_schema, parse_request
+from t2i_common.server import DRAIN, Drain
 
 from .config import GatewayConfig
 from .nodes import NodePool, retry_after_s
@@ -55,7 +58,9 @@ def create_app(
     config: GatewayConfig, *, discovery: Discovery, stream_secret: bytes, metrics_: GatewayMetrics | None = None
 ) -> web.Application:
     """Build the gateway; ``discovery`` says where the orchestrators are."""
-    app = web.Application(middlewares=[error_middleware])
+    drain = Drain()
+    app = web.Application(middlewares=[error_middleware, drain.middleware])
+    app[DRAIN] = drain
     app[CONFIG] = config
     app[METRICS] = metrics_ or GatewayMetrics()
     app[POOL] = NodePool(
@@ -99,52 +104,69 @@ async def _node_pool(app: web.Application) -> AsyncIterator[None]:
 # -- handlers ----------------------------------------------------------------------------------
 
 
+@dataclass
+class _Trace:
+    """What one request did, for its log line."""
+
+    request_id: str
+    node: str = "-"
+    attempts: int = 0
+
+
 async def text_to_image(request: web.Request) -> web.Response:
     app = request.app
-    _check_api_key(app[CONFIG], request)
+    config, pool, metrics_ = app[CONFIG], app[POOL], app[METRICS]
+    if app[DRAIN].in_flight > config.max_in_flight:  # this request is counted already
+        raise ServiceUnavailable(f"The gateway is handling {config.max_in_flight} requests already; retry shortly.", retry_after=1)
+    _check_api_key(config, request)
     body = await request.read()
-    job = parse_request(body, app[SCHEMA])
-    pool = app[POOL]
-    model_id = job.model_id or app[CONFIG].default_model or pool.default_model()
+    job = parse_request(body, request.headers.get("Content-Type"), app[SCHEMA])
+    model_id = job.model_id or config.default_model or pool.default_model()
     if not model_id:
         raise ServiceUnavailable("No orchestrator is ready yet to say which models it serves; retry shortly.", retry_after=2)
-    metrics_ = app[METRICS]
     # Label by model only for models on offer: clients must not be able to grow the metric without bound.
     label = model_id if model_id in pool.models_on_offer() else "other"
+    trace = _Trace(request.headers.get("X-Request-ID") or uuid.uuid4().hex)
     started = time.monotonic()
     metrics_.in_flight.inc()
     status = 500
     try:
-        response = await _generate(request, model_id, {**json.loads(body), "model_id": model_id}, job.num_images_per_prompt)
+        response = await _generate(request, trace, model_id, {**json.loads(body), "model_id": model_id}, job.num_images_per_prompt)
         status = response.status
         return response
     except APIError as error:
         status = error.status
         raise
     finally:
+        seconds = time.monotonic() - started
         metrics_.in_flight.dec()
         metrics_.requests.labels(str(status), label).inc()
-        metrics_.request_seconds.labels(label).observe(time.monotonic() - started)
+        metrics_.request_seconds.labels(label).observe(seconds)
+        logger.info(
+            "request %s: model %s node %s attempts %d status %d in %.2f s prompt %s",
+            trace.request_id, model_id, trace.node, trace.attempts, status, seconds, prompt_for_log(job.prompt, config.log_prompts),
+        )
 
 
-async def _generate(request: web.Request, model_id: str, forward: dict[str, object], images: int) -> web.Response:
+async def _generate(request: web.Request, trace: _Trace, model_id: str, forward: dict[str, Any], images: int) -> web.Response:
     """Try up to --max-attempts nodes within the request's deadline."""
     app = request.app
     config, pool, metrics_ = app[CONFIG], app[POOL], app[METRICS]
-    request_id = request.headers.get("X-Request-ID") or uuid.uuid4().hex
     payload = json.dumps(forward).encode()
     deadline = time.monotonic() + config.request_timeout_s
     tried: set[str] = set()
     last: AttemptResult | None = None
-    for attempt_number in range(config.max_attempts):
+    while trace.attempts < config.max_attempts:
         node = pool.select(model_id, exclude=tried)
         if node is None:
             break
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise GatewayTimeout(f"No orchestrator answered within the request's {config.request_timeout_s:.0f} s deadline.")
-        if attempt_number:
+        if trace.attempts:
             metrics_.retries.inc()
+        trace.attempts += 1
+        trace.node = node.url
         tried.add(node.url)
         node.in_flight += 1
         started = time.monotonic()
@@ -153,27 +175,28 @@ async def _generate(request: web.Request, model_id: str, forward: dict[str, obje
                 app[SESSION],
                 node,
                 payload,
-                headers={"Content-Type": "application/json", "X-Request-ID": request_id, **pool.auth_headers(node.url)},
+                headers={"Content-Type": "application/json", "X-Request-ID": trace.request_id, **pool.auth_headers(node.url)},
                 timeout=aiohttp.ClientTimeout(total=remaining, sock_connect=config.connect_timeout_s),
                 expected_images=images,
             )
         finally:
             node.in_flight -= 1
         metrics_.attempts.labels(node.url, last.outcome).inc()
-        logger.info("request %s: %s on %s: %s %s", request_id, model_id, node.url, last.outcome, last.reason)
+        if last.outcome != "ok":
+            logger.info("request %s: attempt on %s: %s %s", trace.request_id, node.url, last.outcome, last.reason)
+        headers = {"X-Request-ID": trace.request_id}
         if last.outcome == "ok":
             pool.succeeded(node, time.monotonic() - started)
-            return web.json_response(_rewrite_urls(request, node.url, last.body), headers={"X-Request-ID": request_id})
+            return web.json_response(_rewrite_urls(request, node.url, last.body), headers=headers)
         if last.outcome == "client_error":
-            return web.json_response(last.body, status=last.status, headers={"X-Request-ID": request_id})
+            return web.json_response(last.body, status=last.status, headers=headers)
         if last.outcome == "busy":
             pool.busy(node)
         else:
             pool.failed(node, last.reason)
-    if last is None and model_id not in pool.models_on_offer():
-        offered = pool.models_on_offer()
-        if offered:
-            raise BadRequest(f"Model {model_id!r} is not offered by any orchestrator; on offer: {', '.join(offered)}.")
+    offered = pool.models_on_offer()
+    if last is None and offered and model_id not in offered:
+        raise BadRequest(f"Model {model_id!r} is not offered by any orchestrator; on offer: {', '.join(offered)}.")
     retry_after = retry_after_s(pool.healthy())
     if last is None:
         raise ServiceUnavailable(f"Every orchestrator that serves {model_id!r} is busy, suspended or down; retry later.", retry_after=retry_after)
@@ -236,8 +259,8 @@ async def _relay(request: web.Request, upstream: aiohttp.ClientResponse) -> web.
 
 async def health(request: web.Request) -> web.Response:
     healthy = request.app[POOL].healthy()
-    body = {"status": "ready" if healthy else "unavailable", "orchestrators_ready": len(healthy)}
-    return web.json_response(body, status=200 if healthy else 503)
+    status = "draining" if request.app[DRAIN].draining else "ready" if healthy else "unavailable"
+    return web.json_response({"status": status, "orchestrators_ready": len(healthy)}, status=200 if status == "ready" else 503)
 
 
 async def orchestrators(request: web.Request) -> web.Response:

@@ -7,7 +7,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from discovery import normalize_url
-from t2i_common.config import LIMIT_OPTIONS, ConfigError, Option, limits_from, load_options, positive
+from t2i_common.config import (
+    COMMON_OPTIONS,
+    LIMIT_OPTIONS,
+    ConfigError,
+    Option,
+    limits_from,
+    load_options,
+    positive,
+    read_secret,
+    secret_options,
+)
 from t2i_common.schemas import Limits
 
 OPTIONS = (
@@ -17,12 +27,13 @@ OPTIONS = (
     Option("registry", "registry file of orchestrators (see t2i-register), re-read when it changes", type=Path),
     Option("heartbeat-ttl", "seconds after which a registry entry without a fresh heartbeat is ignored", type=positive(float), default=30.0),
     Option("local-orchestrator", "also start an orchestrator with the demo model as a managed child process", flag=True, default=False),
-    Option("orchestrator-secret", "bearer secret sent to orchestrators"),
+    *secret_options("orchestrator-secret", "bearer secret sent to orchestrators"),
     Option("api-key", "API key that clients must send as 'Authorization: Bearer <key>' (repeatable)", repeat=True),
     Option("api-keys-file", "file of API keys, one per line", type=Path),
     Option("public-url", "base of image URLs, e.g. https://gateway.example.net (default: the URL the request came to)"),
-    Option("stream-secret", "secret that signs /stream ids; gateways behind one load balancer must share it (default: random)"),
+    *secret_options("stream-secret", "secret that signs /stream ids; gateways behind one load balancer must share it (default: random)"),
     Option("image-ttl", "seconds a returned image URL stays valid", type=positive(float), default=3600.0),
+    Option("max-in-flight", "text-to-image requests handled at once; beyond, 503 at once", type=positive(int), default=256),
     Option("max-attempts", "orchestrators tried per request", type=positive(int), default=3),
     Option("request-timeout", "overall deadline of a request, generation and retries included (seconds)", type=positive(float), default=300.0),
     Option("connect-timeout", "seconds to connect to an orchestrator", type=positive(float), default=2.0),
@@ -32,7 +43,7 @@ OPTIONS = (
     Option("tls-cert", "certificate file (PEM): serve HTTPS", type=Path),
     Option("tls-key", "private key file (PEM) for --tls-cert", type=Path),
     *LIMIT_OPTIONS,
-    Option("log-level", "debug, info, warning or error", default="info"),
+    *COMMON_OPTIONS,
 )
 
 
@@ -49,6 +60,7 @@ class GatewayConfig:
     public_url: str | None = None
     stream_secret: str | None = None
     image_ttl_s: float = 3600.0
+    max_in_flight: int = 256
     max_attempts: int = 3
     request_timeout_s: float = 300.0
     connect_timeout_s: float = 2.0
@@ -58,6 +70,8 @@ class GatewayConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     limits: Limits = field(default_factory=Limits)
+    shutdown_grace_s: float = 120.0
+    log_prompts: bool = False
     log_level: str = "info"
 
 
@@ -87,11 +101,12 @@ def load_config(argv: Sequence[str] | None = None) -> GatewayConfig:
         registry=values["registry"],
         heartbeat_ttl_s=values["heartbeat_ttl"],
         local_orchestrator=values["local_orchestrator"],
-        orchestrator_secret=values["orchestrator_secret"],
+        orchestrator_secret=read_secret(values, "orchestrator-secret"),
         api_keys=frozenset(api_keys),
         public_url=values["public_url"].rstrip("/") if values["public_url"] else None,
-        stream_secret=values["stream_secret"],
+        stream_secret=read_secret(values, "stream-secret"),
         image_ttl_s=values["image_ttl"],
+        max_in_flight=values["max_in_flight"],
         max_attempts=values["max_attempts"],
         request_timeout_s=values["request_timeout"],
         connect_timeout_s=values["connect_timeout"],
@@ -101,5 +116,7 @@ def load_config(argv: Sequence[str] | None = None) -> GatewayConfig:
         tls_cert=values["tls_cert"],
         tls_key=values["tls_key"],
         limits=limits_from(values),
+        shutdown_grace_s=values["shutdown_grace"],
+        log_prompts=values["log_prompts"],
         log_level=values["log_level"],
     )

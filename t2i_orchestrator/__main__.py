@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
@@ -9,7 +10,9 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
+from t2i_common import logs
 from t2i_common.config import ConfigError
+from t2i_common.server import serve
 
 from .config import OrchestratorConfig, load_config
 
@@ -37,15 +40,12 @@ def build_app(config: OrchestratorConfig) -> web.Application:
 def main(argv: Sequence[str] | None = None) -> None:
     try:
         config = load_config(argv)
-        logging.basicConfig(
-            level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-        )
+        logs.configure(config.log_level)
         app = build_app(config)
     except ConfigError as exc:
         sys.exit(f"t2i-orchestrator: {exc}")
-    logger.info("serving %s on http://%s:%d", ", ".join(m.model_id for m in config.models), config.host, config.port)
-    # handler_cancellation: a client that goes away cancels its handler, which stops the generation.
-    web.run_app(app, host=config.host, port=config.port, handler_cancellation=True, print=None)
+    logger.info("serving %s", ", ".join(m.model_id for m in config.models))
+    asyncio.run(serve(app, host=config.host, port=config.port, grace_s=config.shutdown_grace_s))
 
 
 if __name__ == "__main__":

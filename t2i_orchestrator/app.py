@@ -19,7 +19,9 @@ from discovery import registry
 from metrics import OrchestratorMetrics
 from t2i_common import __version__
 from t2i_common.errors import BadRequest, NotFound, ServiceUnavailable, Unauthorized, error_middleware
+from t2i_common.logs import prompt_for_log
 from t2i_common.schemas import MAX_SEED, TextToImageRequest, build_request_schema, parse_request
+from t2i_common.server import DRAIN, Drain
 
 from .config import OrchestratorConfig
 from .device import DeviceQueue, StopCheck
@@ -53,7 +55,9 @@ def create_app(
     config: OrchestratorConfig, *, engine: InferenceEngine, metrics_: OrchestratorMetrics | None = None
 ) -> web.Application:
     """Build the node's application; ``engine`` is the real ``DiffusersEngine`` or a test fake."""
-    app = web.Application(middlewares=[_count_requests, error_middleware, _require_secret(config.secret)])
+    drain = Drain()
+    app = web.Application(middlewares=[_count_requests, error_middleware, drain.middleware, _require_secret(config.secret)])
+    app[DRAIN] = drain
     app[CONFIG] = config
     app[ENGINE] = engine
     app[METRICS] = metrics_ or OrchestratorMetrics()
@@ -164,14 +168,21 @@ async def _registration(app: web.Application) -> AsyncIterator[None]:
 
 async def text_to_image(request: web.Request) -> web.Response:
     app = request.app
-    job = parse_request(await request.read(), app[SCHEMA])
-    model_id = _resolve_model(app[CONFIG], job.model_id)
+    config = app[CONFIG]
+    job = parse_request(await request.read(), request.headers.get("Content-Type"), app[SCHEMA])
+    model_id = _resolve_model(config, job.model_id)
     seed = job.seed if job.seed is not None else secrets.randbelow(MAX_SEED + 1)
     engine = app[ENGINE]
+    started = time.monotonic()
     images = await _run_on_device(app, model_id, lambda stop: engine.generate(job, model_id, seed, stop))
     app[METRICS].images.labels(model_id).inc(len(images))
     image_id, names = await app[STORE].save([image.png for image in images])
-    base = app[CONFIG].advertise_url or f"{request.scheme}://{request.host}"
+    logger.info(
+        "request %s: %s %dx%d x%d seed %d prompt %s: %d images in %.2f s",
+        request.headers.get("X-Request-ID", "-"), model_id, job.width, job.height, job.num_images_per_prompt,
+        seed, prompt_for_log(job.prompt, config.log_prompts), len(images), time.monotonic() - started,
+    )
+    base = config.advertise_url or f"{request.scheme}://{request.host}"
     return web.json_response(
         {
             "images": [
@@ -201,7 +212,7 @@ async def capabilities(request: web.Request) -> web.Response:
             "node_id": config.node_id,
             "version": __version__,
             "device": engine.device,
-            "status": app[READINESS].status,
+            "status": "draining" if app[DRAIN].draining else app[READINESS].status,
             "capacity": device.capacity,
             "in_flight": device.running,
             "queued": device.waiting,
@@ -215,8 +226,9 @@ async def capabilities(request: web.Request) -> web.Response:
 
 async def health(request: web.Request) -> web.Response:
     readiness = request.app[READINESS]
-    body = {"status": readiness.status} | ({"detail": {"msg": readiness.error}} if readiness.error else {})
-    return web.json_response(body, status=200 if readiness.status == "ready" else 503)
+    status = "draining" if request.app[DRAIN].draining else readiness.status
+    body = {"status": status} | ({"detail": {"msg": readiness.error}} if readiness.error else {})
+    return web.json_response(body, status=200 if status == "ready" else 503)
 
 
 # -- helpers -----------------------------------------------------------------------------------

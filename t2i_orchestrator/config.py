@@ -8,7 +8,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from t2i_common.config import LIMIT_OPTIONS, ConfigError, Option, limits_from, load_options, positive
+from t2i_common.config import (
+    COMMON_OPTIONS,
+    LIMIT_OPTIONS,
+    ConfigError,
+    Option,
+    limits_from,
+    load_options,
+    positive,
+    read_secret,
+    secret_options,
+)
 from t2i_common.schemas import Limits
 
 from .demo_model import DEMO_MODEL_ID
@@ -29,7 +39,7 @@ OPTIONS = (
     Option("image-ttl", "seconds an image stays downloadable", type=positive(float), default=3600.0),
     Option("max-queue", "requests that may wait for the device; beyond: 503 with Retry-After", type=int, default=8),
     Option("max-loaded-models", "models kept loaded; least recently used on-demand ones are evicted", type=positive(int), default=2),
-    Option("secret", "require 'Authorization: Bearer <secret>' on every endpoint but /health and /metrics"),
+    *secret_options("secret", "require 'Authorization: Bearer <secret>' on every endpoint but /health and /metrics"),
     Option("threads", "torch CPU threads (default: torch's choice, with passive OpenMP waiting)", type=positive(int)),
     Option("cache-dir", "where the demo model is built (default: $XDG_CACHE_HOME/t2i or ~/.cache/t2i)", type=Path),
     Option("lora-dir", "folder of LoRA adapters that requests may name (besides Hugging Face repo ids)", type=Path),
@@ -38,7 +48,7 @@ OPTIONS = (
     Option("heartbeat-interval", "seconds between registry heartbeats", type=positive(float), default=10.0),
     Option("node-id", "name of this node in /capabilities (default: <hostname>:<port>)"),
     *LIMIT_OPTIONS,
-    Option("log-level", "debug, info, warning or error", default="info"),
+    *COMMON_OPTIONS,
 )
 
 
@@ -61,6 +71,8 @@ class OrchestratorConfig:
     register: Path | None = None
     heartbeat_interval_s: float = 10.0
     limits: Limits = Limits()
+    shutdown_grace_s: float = 120.0
+    log_prompts: bool = False
     log_level: str = "info"
 
 
@@ -87,7 +99,7 @@ def load_config(argv: Sequence[str] | None = None) -> OrchestratorConfig:
         image_ttl_s=values["image_ttl"],
         max_queue=values["max_queue"],
         max_loaded_models=values["max_loaded_models"],
-        secret=values["secret"],
+        secret=read_secret(values, "secret"),
         threads=values["threads"],
         cache_dir=cache_dir,
         lora_dir=values["lora_dir"],
@@ -96,5 +108,7 @@ def load_config(argv: Sequence[str] | None = None) -> OrchestratorConfig:
         limits=limits_from(values),
         register=values["register"],
         heartbeat_interval_s=values["heartbeat_interval"],
+        shutdown_grace_s=values["shutdown_grace"],
+        log_prompts=values["log_prompts"],
         log_level=values["log_level"],
     )

@@ -119,7 +119,9 @@ async def test_each_invalid_field_is_a_422_naming_it(make_client: MakeClient, bo
 
 async def test_nan_is_rejected_not_crashed_on(make_client: MakeClient) -> None:
     client = await make_client()
-    response = await client.post("/text-to-image", data='{"prompt": "a", "guidance_scale": NaN}')
+    response = await client.post(
+        "/text-to-image", data='{"prompt": "a", "guidance_scale": NaN}', headers={"Content-Type": "application/json"}
+    )
     assert response.status == 422
     assert (await response.json())["detail"][0]["loc"] == ["body", "guidance_scale"]
 
@@ -130,6 +132,21 @@ async def test_malformed_body_is_a_400(make_client: MakeClient, body: bytes) -> 
     response = await client.post("/text-to-image", data=body, headers={"Content-Type": "application/json"})
     assert response.status == 400
     assert (await response.json())["detail"]["msg"]
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"])
+async def test_a_body_not_declared_as_json_is_a_415(make_client: MakeClient, content_type: str) -> None:
+    client = await make_client()
+    response = await client.post("/text-to-image", data=b'{"prompt": "a"}', headers={"Content-Type": content_type})
+    assert response.status == 415
+    assert "application/json" in (await response.json())["detail"]["msg"]
+
+
+async def test_json_with_a_charset_or_without_a_content_type_is_accepted(make_client: MakeClient) -> None:
+    client = await make_client()
+    body = b'{"prompt": "a", "width": 64, "height": 64}'
+    for headers in ({"Content-Type": "application/json; charset=utf-8"}, {"Content-Type": ""}):
+        assert (await client.post("/text-to-image", data=body, headers=headers)).status == 200
 
 
 async def test_unknown_model_is_a_400_listing_the_offer(make_client: MakeClient) -> None:

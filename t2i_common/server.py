@@ -1,0 +1,85 @@
+"""Serving a daemon until SIGTERM or SIGINT, then draining: what was accepted finishes, new work gets 503.
+
+aiohttp's own ``run_app`` stops listening at once on a signal; we keep listening for the grace
+period so that new requests get a clear 503 (and load balancers or gateways move on) while the
+requests in flight finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import ssl
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from .errors import ServiceUnavailable
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Drain:
+    """Counts the generation requests in flight and, once draining, refuses new ones."""
+
+    def __init__(self, paths: frozenset[str] = frozenset({"/text-to-image", "/text-to-image/"})) -> None:
+        self.paths = paths
+        self.draining = False
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path not in self.paths:
+            return await handler(request)
+        if self.draining:
+            raise ServiceUnavailable("This server is shutting down; send the request elsewhere.", retry_after=1)
+        self.in_flight += 1
+        self._idle.clear()
+        try:
+            return await handler(request)
+        finally:
+            self.in_flight -= 1
+            if not self.in_flight:
+                self._idle.set()
+
+    async def drain(self, grace_s: float) -> None:
+        self.draining = True
+        if self.in_flight:
+            logger.info("draining: waiting up to %.0f s for %d request(s) in flight", grace_s, self.in_flight)
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout=grace_s)
+        except TimeoutError:
+            logger.warning("grace period over: %d request(s) still in flight are cut off", self.in_flight)
+
+
+# The application's Drain; its middleware must sit inside the error middleware.
+DRAIN = web.AppKey("drain", Drain)
+
+
+async def serve(
+    app: web.Application, *, host: str, port: int, grace_s: float, ssl_context: ssl.SSLContext | None = None
+) -> None:
+    """Serve until SIGTERM or SIGINT, then drain for up to ``grace_s`` seconds and clean up."""
+    # handler_cancellation: a client that goes away cancels its handler, which stops its generation.
+    runner = web.AppRunner(app, handler_cancellation=True)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
+        logger.info("listening on %s://%s:%d", "https" if ssl_context else "http", host, port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        logger.info("shutting down")
+        await app[DRAIN].drain(grace_s)
+    finally:
+        await runner.cleanup()
+    logger.info("stopped")
+
+
