@@ -36,12 +36,12 @@ class Daemon:
         return self.process.wait()
 
 
-def start(module: str, args: list[str], log_dir: Path, env: dict[str, str] | None = None) -> Daemon:
-    port = free_port()
+def start(module: str, args: list[str], log_dir: Path, env: dict[str, str] | None = None, port: int | None = None) -> Daemon:
+    port = port or free_port()
     log = log_dir / f"{module}-{port}.log"
     process = subprocess.Popen(
         [sys.executable, "-m", module, "--port", str(port), *args],
-        stdout=log.open("wb"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+        stdout=log.open("ab"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
     )
     return Daemon(process, f"http://127.0.0.1:{port}", log)
 

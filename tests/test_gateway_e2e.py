@@ -146,3 +146,13 @@ async def metric(session: aiohttp.ClientSession, daemon: Daemon, name: str) -> f
         text = await response.text()
     match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
     return float(match.group(1)) if match else 0.0
+
+
+def test_logs_hold_no_secrets_and_no_prompts(network: dict[str, Any]) -> None:
+    for daemon in [network["gateway"], *network["nodes"]]:
+        log = daemon.log.read_text()
+        assert SECRET not in log
+        assert BODY["prompt"] not in log
+    gateway_log = network["gateway"].log.read_text()
+    # One line per request: its id, the model, the node, the attempts, the status, the time, a prompt hash.
+    assert re.search(r"request \w+: model t2i/tiny-sd node http://127\.0\.0\.1:\d+ attempts 1 status 200 in [\d.]+ s prompt sha256:", gateway_log)
