@@ -62,6 +62,15 @@ _ERROR_TYPES = {
 }
 
 
+class _StrictBoolean(fields.Boolean):
+    """JSON ``true`` or ``false`` only: not 1, "yes" or "on" (marshmallow's Boolean takes those)."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> bool:
+        if not isinstance(value, bool):
+            raise self.make_error("invalid")
+        return value
+
+
 def build_request_schema(limits: Limits) -> Schema:
     """A schema instance for ``limits``; ``load`` returns a ``TextToImageRequest``."""
 
@@ -101,9 +110,7 @@ def build_request_schema(limits: Limits) -> Schema:
             validate=validate.Length(max=limits.max_prompt_length),
             metadata={"description": "What not to draw (ignored when guidance is below 1)."},
         )
-        safety_check = fields.Boolean(
-            load_default=True, metadata={"description": "Run the safety checker and report `nsfw`."}
-        )
+        safety_check = _StrictBoolean(load_default=True, metadata={"description": "Run the safety checker and report `nsfw`."})
         seed = fields.Integer(
             strict=True,
             load_default=None,

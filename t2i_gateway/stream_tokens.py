@@ -12,10 +12,12 @@ import binascii
 import hashlib
 import hmac
 import json
+import re
 import time
 from dataclasses import dataclass
 
 MAX_TOKEN_LENGTH = 1024
+_TOKEN = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +44,7 @@ class StreamSigner:
         return f"{payload}.{self._mac(payload)}"
 
     def verify(self, token: str) -> StreamTarget | None:
-        if len(token) > MAX_TOKEN_LENGTH or token.count(".") != 1:
+        if len(token) > MAX_TOKEN_LENGTH or not _TOKEN.fullmatch(token):
             return None
         payload, mac = token.split(".")
         if not hmac.compare_digest(mac, self._mac(payload)):

@@ -1,0 +1,1 @@
+"""Scripts that put the real daemons under load and faults, and print figures."""

@@ -1,0 +1,123 @@
+"""Helpers for the benchmark scripts: processes on loopback, a bounded client load, figures."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Process:
+    popen: subprocess.Popen[bytes]
+    url: str
+    log: Path
+
+    def signal(self, sig: signal.Signals) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+
+    def stop(self) -> None:
+        self.signal(signal.SIGCONT)
+        self.signal(signal.SIGTERM)
+        try:
+            self.popen.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+
+    def peak_rss_mib(self) -> float:
+        """The process's peak resident memory (VmHWM), in MiB."""
+        for line in Path(f"/proc/{self.popen.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+
+def launch(args: list[str], workdir: Path, name: str, env: dict[str, str] | None = None) -> Process:
+    port = free_port()
+    log = workdir / f"{name}.log"
+    popen = subprocess.Popen(
+        [sys.executable, *args, "--port", str(port)], stdout=log.open("ab"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+    )
+    return Process(popen, f"http://127.0.0.1:{port}", log)
+
+
+async def wait_healthy(process: Process, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            if process.popen.poll() is not None:
+                break
+            try:
+                async with session.get(f"{process.url}/health", timeout=aiohttp.ClientTimeout(total=2)) as response:
+                    if response.status == 200:
+                        return
+            except (aiohttp.ClientError, TimeoutError):
+                pass
+            await asyncio.sleep(0.2)
+    raise RuntimeError(f"{process.url} did not become healthy; see {process.log}")
+
+
+@dataclass
+class Results:
+    statuses: list[int] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    retry_after: list[str | None] = field(default_factory=list)
+
+    def percentile(self, q: float, statuses: tuple[int, ...] = (200,)) -> float:
+        values = sorted(s for s, status in zip(self.seconds, self.statuses) if status in statuses)
+        if not values:
+            return float("nan")
+        return values[min(len(values) - 1, int(q / 100 * len(values)))]
+
+    def count(self, status: int) -> int:
+        return sum(1 for s in self.statuses if s == status)
+
+    def median(self) -> float:
+        return statistics.median(self.seconds) if self.seconds else float("nan")
+
+
+async def post_many(url: str, body: dict[str, object], count: int, concurrency: int, results: Results) -> None:
+    """``count`` POSTs, ``concurrency`` at a time; a connection error counts as status 0."""
+    semaphore = asyncio.Semaphore(concurrency)
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=300)) as session:
+
+        async def one() -> None:
+            async with semaphore:
+                started = time.monotonic()
+                try:
+                    async with session.post(f"{url}/text-to-image", json=body) as response:
+                        await response.read()
+                        status, retry_after = response.status, response.headers.get("Retry-After")
+                except (aiohttp.ClientError, TimeoutError):
+                    status, retry_after = 0, None
+                results.statuses.append(status)
+                results.seconds.append(time.monotonic() - started)
+                results.retry_after.append(retry_after)
+
+        await asyncio.gather(*(one() for _ in range(count)))
+
+
+async def metric(url: str, name: str) -> float:
+    async with aiohttp.ClientSession() as session, session.get(f"{url}/metrics") as response:
+        for line in (await response.text()).splitlines():
+            if line.startswith(f"{name} "):
+                return float(line.split()[1])
+    return 0.0
