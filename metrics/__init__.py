@@ -24,6 +24,9 @@ class OrchestratorMetrics:
         self.queue_depth = Gauge(
             "queue_depth", "Requests waiting for the device.", namespace=ns, registry=self.registry
         )
+        self.queue_limit = Gauge(
+            "queue_limit", "Requests that may wait for the device (--max-queue).", namespace=ns, registry=self.registry
+        )
         self.in_flight = Gauge(
             "in_flight", "Requests being generated on the device.", namespace=ns, registry=self.registry
         )

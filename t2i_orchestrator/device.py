@@ -30,6 +30,7 @@ class DeviceQueue:
         self.waiting = 0
         self.running = 0
         self._metrics = metrics
+        metrics.queue_limit.set(max_queue)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._turn = asyncio.Lock()
         self._typical_job_s = 1.0  # moving average, for Retry-After
