@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from discovery import normalize_url
+from discovery.registry import RegistryError, read_registry
 from t2i_common.config import (
     COMMON_OPTIONS,
     LIMIT_OPTIONS,
@@ -92,6 +93,11 @@ def load_config(argv: Sequence[str] | None = None) -> GatewayConfig:
         except OSError as exc:
             raise ConfigError(f"--api-keys-file: cannot read {values['api_keys_file']}: {exc.strerror}") from None
         api_keys |= {line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")}
+    if values["registry"]:
+        try:
+            read_registry(values["registry"])  # a missing file is fine: nodes will create it
+        except RegistryError as exc:
+            raise ConfigError(f"--registry {values['registry']}: {exc}") from None
     if bool(values["tls_cert"]) != bool(values["tls_key"]):
         raise ConfigError("--tls-cert and --tls-key go together")
     return GatewayConfig(

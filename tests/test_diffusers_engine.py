@@ -154,3 +154,9 @@ def test_out_of_memory_is_a_500_and_the_engine_keeps_serving(engine: Any, monkey
     assert caught.value.status == 500
     monkeypatch.setattr(model, "pipe", real_pipe)
     assert generate(engine)[0].png.startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize("prompt", ["\x00\x1b[31m\u202e", "😀 un chat sur la plage, 猫", "word " * 400])
+def test_any_prompt_text_generates(engine: Any, prompt: str) -> None:
+    [image] = generate(engine, prompt=prompt, negative_prompt=prompt)
+    assert image.png.startswith(b"\x89PNG")

@@ -12,6 +12,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -156,3 +158,15 @@ def test_logs_hold_no_secrets_and_no_prompts(network: dict[str, Any]) -> None:
     gateway_log = network["gateway"].log.read_text()
     # One line per request: its id, the model, the node, the attempts, the status, the time, a prompt hash.
     assert re.search(r"request \w+: model t2i/tiny-sd node http://127\.0\.0\.1:\d+ attempts 1 status 200 in [\d.]+ s prompt sha256:", gateway_log)
+
+
+def test_live_metrics_pass_promtool(network: dict[str, Any]) -> None:
+    from .test_etc import tool
+
+    promtool = tool("promtool")
+    for daemon in (network["gateway"], network["nodes"][1]):
+        with urllib.request.urlopen(f"{daemon.url}/metrics", timeout=10) as response:
+            text = response.read()
+        assert b"t2i_" in text
+        done = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr

@@ -308,3 +308,31 @@ async def test_node_registers_heartbeats_and_deregisters(aiohttp_client: Any, tm
     assert read_registry(registry)[0].heartbeat > first  # type: ignore[operator]
     await client.close()
     assert read_registry(registry) == []
+
+
+@pytest.mark.parametrize("prompt", ["\x00\x01\x1b[31m", "😀 un chat sur la plage \u202e", "\ud7ff" * 500, "a\nb\tc"])
+async def test_any_unicode_prompt_is_accepted(make_client: MakeClient, prompt: str) -> None:
+    client = await make_client()
+    response = await client.post("/text-to-image", json={"prompt": prompt, "width": 64, "height": 64})
+    assert response.status == 200
+
+
+@pytest.mark.parametrize("raw", ['"width": Infinity', '"width": 1e400', '"seed": -Infinity', '"guidance_scale": 1e400', '"width": 5.12e2'])
+async def test_non_finite_and_float_numbers_are_422(make_client: MakeClient, raw: str) -> None:
+    client = await make_client()
+    body = '{"prompt": "a", ' + raw + "}"
+    response = await client.post("/text-to-image", data=body, headers={"Content-Type": "application/json"})
+    assert response.status == 422
+    assert (await response.json())["detail"][0]["loc"][0] == "body"
+
+
+@pytest.mark.parametrize("log_prompts", [False, True])
+async def test_prompts_are_logged_only_when_asked(
+    make_client: MakeClient, caplog: pytest.LogCaptureFixture, log_prompts: bool
+) -> None:
+    client = await make_client(log_prompts=log_prompts)
+    with caplog.at_level("INFO", logger="t2i_orchestrator.app"):
+        await client.post("/text-to-image", json={"prompt": "my secret idea", "width": 64, "height": 64}, headers={"X-Request-ID": "r-1"})
+    line = next(record.getMessage() for record in caplog.records if "r-1" in record.getMessage())
+    assert ("my secret idea" in line) is log_prompts
+    assert "sha256:" in line or log_prompts

@@ -118,3 +118,18 @@ async def test_sweeper_removes_only_expired_image_folders(tmp_path: Path) -> Non
     assert not (tmp_path / old_id).exists()
     assert (tmp_path / "not-ours").exists()
     assert await store.find(young_id, young_name) == tmp_path / young_id / f"{young_name}.png"
+
+
+def test_secrets_come_from_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from t2i_gateway.config import load_config as load_gateway_config
+
+    secret = tmp_path / "secret"
+    secret.write_text("from-a-file\n")
+    assert load_config(["--secret-file", str(secret)]).secret == "from-a-file"
+    monkeypatch.setenv("T2I_ORCHESTRATOR_SECRET", "from-the-environment")
+    assert load_config([]).secret == "from-the-environment"
+    gateway = load_gateway_config(["--orchestrator", "http://n:1", "--orchestrator-secret-file", str(secret), "--stream-secret-file", str(secret)])
+    assert gateway.orchestrator_secret == gateway.stream_secret == "from-a-file"
+    (tmp_path / "empty").write_text("")
+    with pytest.raises(ConfigError, match="empty"):
+        load_config(["--secret-file", str(tmp_path / "empty")])

@@ -131,3 +131,23 @@ async def test_gateway_follows_the_registry_without_a_restart(tmp_path: Path, ai
     for _ in range(3):
         assert (await client.post("/text-to-image", json=BODY)).status == 200
     assert len(first.requests) == before and len(second.requests) == 3
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["t2i_gateway", "--registry", "{bad}"], "not valid JSON"),
+        (["t2i_gateway"], "nothing to route to"),
+        (["t2i_gateway", "--orchestrator", "file:///etc/passwd"], "http(s)"),
+        (["t2i_orchestrator", "--models", "{bad}"], "not valid JSON"),
+        (["t2i_orchestrator", "--models", "{missing}"], "cannot read"),
+        (["t2i_orchestrator", "--register", "{bad}"], "--advertise-url"),
+    ],
+)
+def test_bad_files_and_flags_stop_the_daemons_at_start_with_a_clear_error(tmp_path: Path, args: list[str], message: str) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"orchestrators": [')
+    argv = [arg.replace("{bad}", str(bad)).replace("{missing}", str(tmp_path / "missing.json")) for arg in args]
+    done = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert message in done.stderr and "Traceback" not in done.stderr
