@@ -34,6 +34,7 @@ from t2i_common.errors import (
 from t2i_common.logs import prompt_for_log
 from t2i_common.schemas import build_request_schema, parse_request
 from t2i_common.server import DRAIN, Drain
+from t2i_common.sse import Notify, respond_with_events, wants_events
 
 from .config import GatewayConfig
 from .nodes import NodePool, retry_after_s
@@ -113,9 +114,21 @@ class _Trace:
     attempts: int = 0
 
 
-async def text_to_image(request: web.Request) -> web.Response:
+class _Refused(APIError):
+    """A node's 400 or 422: the client's error, passed on as the node put it."""
+
+    def __init__(self, status: int, body: dict[str, Any]) -> None:
+        super().__init__("The orchestrator refused the request.")
+        self.status = status
+        self._body = body
+
+    def body(self) -> dict[str, Any]:
+        return self._body
+
+
+async def text_to_image(request: web.Request) -> web.StreamResponse:
     app = request.app
-    config, pool, metrics_ = app[CONFIG], app[POOL], app[METRICS]
+    config, pool = app[CONFIG], app[POOL]
     if app[DRAIN].in_flight > config.max_in_flight:  # this request is counted already
         raise ServiceUnavailable(f"The gateway is handling {config.max_in_flight} requests already; retry shortly.", retry_after=1)
     _check_api_key(config, request)
@@ -124,32 +137,56 @@ async def text_to_image(request: web.Request) -> web.Response:
     model_id = job.model_id or config.default_model or pool.default_model()
     if not model_id:
         raise ServiceUnavailable("No orchestrator is ready yet to say which models it serves; retry shortly.", retry_after=2)
-    # Label by model only for models on offer: clients must not be able to grow the metric without bound.
-    label = model_id if model_id in pool.models_on_offer() else "other"
+    offered = pool.models_on_offer()
+    if offered and model_id not in offered:
+        raise BadRequest(f"Model {model_id!r} is not offered by any orchestrator; on offer: {', '.join(offered)}.")
+    if pool.select(model_id, exclude=set()) is None:
+        raise ServiceUnavailable(
+            f"Every orchestrator that serves {model_id!r} is busy, suspended or down; retry later.",
+            retry_after=retry_after_s(pool.healthy()),
+        )
     trace = _Trace(request.headers.get("X-Request-ID") or uuid.uuid4().hex)
+    forward = {**json.loads(body), "model_id": model_id}
+
+    async def run(notify: Notify | None) -> dict[str, Any]:
+        return await _observed(request, trace, job.prompt, model_id, forward, job.num_images_per_prompt, notify)
+
+    if wants_events(request):
+        return await respond_with_events(request, run)
+    return web.json_response(await run(None), headers={"X-Request-ID": trace.request_id})
+
+
+async def _observed(
+    request: web.Request, trace: _Trace, prompt: str, model_id: str, forward: dict[str, Any], images: int, notify: Notify | None
+) -> dict[str, Any]:
+    """``_generate`` with its metrics and its log line."""
+    config, metrics_ = request.app[CONFIG], request.app[METRICS]
     started = time.monotonic()
     metrics_.in_flight.inc()
     status = 500
     try:
-        response = await _generate(request, trace, model_id, {**json.loads(body), "model_id": model_id}, job.num_images_per_prompt)
-        status = response.status
-        return response
+        result = await _generate(request, trace, model_id, forward, images, notify)
+        status = 200
+        return result
     except APIError as error:
         status = error.status
+        error.headers["X-Request-ID"] = trace.request_id
         raise
     finally:
         seconds = time.monotonic() - started
         metrics_.in_flight.dec()
-        metrics_.requests.labels(str(status), label).inc()
-        metrics_.request_seconds.labels(label).observe(seconds)
+        metrics_.requests.labels(str(status), model_id).inc()
+        metrics_.request_seconds.labels(model_id).observe(seconds)
         logger.info(
             "request %s: model %s node %s attempts %d status %d in %.2f s prompt %s",
-            trace.request_id, model_id, trace.node, trace.attempts, status, seconds, prompt_for_log(job.prompt, config.log_prompts),
+            trace.request_id, model_id, trace.node, trace.attempts, status, seconds, prompt_for_log(prompt, config.log_prompts),
         )
 
 
-async def _generate(request: web.Request, trace: _Trace, model_id: str, forward: dict[str, Any], images: int) -> web.Response:
-    """Try up to --max-attempts nodes within the request's deadline."""
+async def _generate(
+    request: web.Request, trace: _Trace, model_id: str, forward: dict[str, Any], images: int, notify: Notify | None
+) -> dict[str, Any]:
+    """Try up to --max-attempts nodes within the request's deadline; the result body, or an APIError."""
     app = request.app
     config, pool, metrics_ = app[CONFIG], app[POOL], app[METRICS]
     payload = json.dumps(forward).encode()
@@ -163,11 +200,15 @@ async def _generate(request: web.Request, trace: _Trace, model_id: str, forward:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise GatewayTimeout(f"No orchestrator answered within the request's {config.request_timeout_s:.0f} s deadline.")
-        if trace.attempts:
+        if last is not None:
             metrics_.retries.inc()
+            if notify:
+                notify("retry", {"attempt": trace.attempts + 1, "reason": last.reason})
         trace.attempts += 1
         trace.node = node.url
         tried.add(node.url)
+        if notify:
+            notify("started", {"node": node.url})
         node.in_flight += 1
         started = time.monotonic()
         try:
@@ -178,25 +219,22 @@ async def _generate(request: web.Request, trace: _Trace, model_id: str, forward:
                 headers={"Content-Type": "application/json", "X-Request-ID": trace.request_id, **pool.auth_headers(node.url)},
                 timeout=aiohttp.ClientTimeout(total=remaining, sock_connect=config.connect_timeout_s),
                 expected_images=images,
+                on_event=notify,
             )
         finally:
             node.in_flight -= 1
         metrics_.attempts.labels(node.url, last.outcome).inc()
         if last.outcome != "ok":
             logger.info("request %s: attempt on %s: %s %s", trace.request_id, node.url, last.outcome, last.reason)
-        headers = {"X-Request-ID": trace.request_id}
         if last.outcome == "ok":
             pool.succeeded(node, time.monotonic() - started)
-            return web.json_response(_rewrite_urls(request, node.url, last.body), headers=headers)
+            return _rewrite_urls(request, node.url, last.body)
         if last.outcome == "client_error":
-            return web.json_response(last.body, status=last.status, headers=headers)
+            raise _Refused(last.status, last.body)
         if last.outcome == "busy":
             pool.busy(node)
         else:
             pool.failed(node, last.reason)
-    offered = pool.models_on_offer()
-    if last is None and offered and model_id not in offered:
-        raise BadRequest(f"Model {model_id!r} is not offered by any orchestrator; on offer: {', '.join(offered)}.")
     retry_after = retry_after_s(pool.healthy())
     if last is None:
         raise ServiceUnavailable(f"Every orchestrator that serves {model_id!r} is busy, suspended or down; retry later.", retry_after=retry_after)

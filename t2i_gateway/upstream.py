@@ -21,6 +21,8 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from t2i_common.sse import EVENT_STREAM, Notify, read_events
+
 from .nodes import Node
 
 Outcome = Literal["ok", "client_error", "busy", "failed"]
@@ -43,9 +45,14 @@ async def attempt(
     headers: dict[str, str],
     timeout: aiohttp.ClientTimeout,
     expected_images: int,
+    on_event: Notify | None = None,
 ) -> AttemptResult:
-    """POST the request to ``node``; gives up as soon as the node is found down."""
-    request = asyncio.ensure_future(_post(session, node, payload, headers, timeout, expected_images))
+    """POST the request to ``node``; gives up as soon as the node is found down.
+
+    With ``on_event``, the node is asked for an event stream and its ``queued`` and ``progress``
+    events are passed on as they come.
+    """
+    request = asyncio.ensure_future(_post(session, node, payload, headers, timeout, expected_images, on_event))
     down = asyncio.ensure_future(node.down.wait())
     try:
         done, _ = await asyncio.wait({request, down}, return_when=asyncio.FIRST_COMPLETED)
@@ -67,17 +74,38 @@ async def _post(
     headers: dict[str, str],
     timeout: aiohttp.ClientTimeout,
     expected_images: int,
+    on_event: Notify | None,
 ) -> AttemptResult:
+    if on_event:
+        headers = {**headers, "Accept": EVENT_STREAM}
     try:
         async with session.post(f"{node.url}/text-to-image", data=payload, headers=headers, timeout=timeout) as response:
+            if on_event and response.status == 200 and response.content_type == EVENT_STREAM:
+                return await _read_events(response, expected_images, on_event)
             raw = await response.read()
             status = response.status
     except TimeoutError:
         return AttemptResult("failed", reason="timed out")
     except aiohttp.ClientError as exc:
         return AttemptResult("failed", reason=f"{type(exc).__name__}: {exc}")
+    except ValueError as exc:
+        return AttemptResult("failed", reason=f"malformed event stream: {exc}")
+    return _classify(status, _json_or_none(raw), expected_images)
+
+
+async def _read_events(response: aiohttp.ClientResponse, expected_images: int, on_event: Notify) -> AttemptResult:
+    async for event, data in read_events(response.content):
+        if event == "result":
+            return _classify(200, data, expected_images)
+        if event == "error" and isinstance(data, dict) and isinstance(data.get("status"), int):
+            return _classify(data["status"], data.get("body"), expected_images)
+        if event in ("queued", "progress") and isinstance(data, dict):
+            on_event(event, data)  # "started" the gateway announces itself, naming the node
+    return AttemptResult("failed", reason="the event stream ended without a result")
+
+
+def _classify(status: int, body: Any, expected_images: int) -> AttemptResult:
     if status in (400, 422):
-        body = _json_or_none(raw)
         if not isinstance(body, dict) or "detail" not in body:
             body = {"detail": {"msg": f"The orchestrator refused the request ({status})."}}
         return AttemptResult("client_error", status, body)
@@ -85,7 +113,6 @@ async def _post(
         return AttemptResult("busy", status, reason=f"busy ({status})")
     if status != 200:
         return AttemptResult("failed", status, reason=f"answered {status}")
-    body = _json_or_none(raw)
     problem = _check_images(body, expected_images)
     if problem:
         return AttemptResult("failed", status, reason=f"malformed answer: {problem}")

@@ -10,6 +10,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 from marshmallow import Schema
@@ -22,6 +23,7 @@ from t2i_common.errors import BadRequest, NotFound, ServiceUnavailable, Unauthor
 from t2i_common.logs import prompt_for_log
 from t2i_common.schemas import MAX_SEED, TextToImageRequest, build_request_schema, parse_request
 from t2i_common.server import DRAIN, Drain
+from t2i_common.sse import Notify, respond_with_events, wants_events
 
 from .config import OrchestratorConfig
 from .device import DeviceQueue, StopCheck
@@ -80,7 +82,7 @@ def create_app(
 
 
 async def _device_queue(app: web.Application) -> AsyncIterator[None]:
-    device = DeviceQueue(app[METRICS], max_queue=app[CONFIG].max_queue)
+    device = DeviceQueue(app[METRICS], max_queue=app[CONFIG].max_queue, node_id=app[CONFIG].node_id)
     app[DEVICE] = device
     yield
     await asyncio.to_thread(device.shutdown)
@@ -166,15 +168,31 @@ async def _registration(app: web.Application) -> AsyncIterator[None]:
 # -- handlers ----------------------------------------------------------------------------------
 
 
-async def text_to_image(request: web.Request) -> web.Response:
+async def text_to_image(request: web.Request) -> web.StreamResponse:
     app = request.app
-    config = app[CONFIG]
     job = parse_request(await request.read(), request.headers.get("Content-Type"), app[SCHEMA])
-    model_id = _resolve_model(config, job.model_id)
+    model_id = _resolve_model(app[CONFIG], job.model_id)
     seed = job.seed if job.seed is not None else secrets.randbelow(MAX_SEED + 1)
-    engine = app[ENGINE]
+    if wants_events(request):
+        app[DEVICE].check_admission()  # a full queue is a plain 503, before the stream starts
+        return await respond_with_events(request, lambda notify: _generate(request, job, model_id, seed, notify))
+    return web.json_response(await _generate(request, job, model_id, seed, None))
+
+
+async def _generate(
+    request: web.Request, job: TextToImageRequest, model_id: str, seed: int, notify: Notify | None
+) -> dict[str, Any]:
+    app = request.app
+    config, engine = app[CONFIG], app[ENGINE]
+    on_step = None
+    if notify:
+        loop = asyncio.get_running_loop()
+
+        def on_step(step: int, steps: int) -> None:  # on the device thread
+            loop.call_soon_threadsafe(notify, "progress", {"step": step, "steps": steps})
+
     started = time.monotonic()
-    images = await _run_on_device(app, model_id, lambda stop: engine.generate(job, model_id, seed, stop))
+    images = await _run_on_device(app, model_id, lambda stop: engine.generate(job, model_id, seed, stop, on_step), notify)
     app[METRICS].images.labels(model_id).inc(len(images))
     image_id, names = await app[STORE].save([image.png for image in images])
     logger.info(
@@ -183,14 +201,12 @@ async def text_to_image(request: web.Request) -> web.Response:
         seed, prompt_for_log(job.prompt, config.log_prompts), len(images), time.monotonic() - started,
     )
     base = config.advertise_url or f"{request.scheme}://{request.host}"
-    return web.json_response(
-        {
-            "images": [
-                {"url": f"{base}/stream/{image_id}/{name}.png", "seed": image.seed, "nsfw": image.nsfw}
-                for name, image in zip(names, images)
-            ]
-        }
-    )
+    return {
+        "images": [
+            {"url": f"{base}/stream/{image_id}/{name}.png", "seed": image.seed, "nsfw": image.nsfw}
+            for name, image in zip(names, images)
+        ]
+    }
 
 
 async def stream_image(request: web.Request) -> web.StreamResponse:
@@ -245,7 +261,7 @@ def _resolve_model(config: OrchestratorConfig, model_id: str) -> str:
 
 
 async def _run_on_device(
-    app: web.Application, model_id: str, generate: Callable[[StopCheck], list[GeneratedImage]]
+    app: web.Application, model_id: str, generate: Callable[[StopCheck], list[GeneratedImage]], notify: Notify | None = None
 ) -> list[GeneratedImage]:
     """Load ``model_id`` if needed, then ``generate``, on the device thread, timing both."""
     engine, metrics_ = app[ENGINE], app[METRICS]
@@ -260,7 +276,7 @@ async def _run_on_device(
         metrics_.inference.labels(model_id).observe(time.monotonic() - started)
         return images
 
-    return await app[DEVICE].run(work, label=model_id)
+    return await app[DEVICE].run(work, label=model_id, notify=notify)
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

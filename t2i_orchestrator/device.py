@@ -17,6 +17,7 @@ from typing import TypeVar
 
 from metrics import OrchestratorMetrics
 from t2i_common.errors import ServiceUnavailable
+from t2i_common.sse import Notify
 
 T = TypeVar("T")
 StopCheck = Callable[[], bool]
@@ -25,8 +26,9 @@ StopCheck = Callable[[], bool]
 class DeviceQueue:
     """Runs jobs on the device thread one at a time, with at most ``max_queue`` waiting behind."""
 
-    def __init__(self, metrics: OrchestratorMetrics, *, max_queue: int, name: str = "t2i-device") -> None:
+    def __init__(self, metrics: OrchestratorMetrics, *, max_queue: int, node_id: str = "", name: str = "t2i-device") -> None:
         self.max_queue = max_queue
+        self.node_id = node_id
         self.waiting = 0
         self.running = 0
         self._metrics = metrics
@@ -40,12 +42,8 @@ class DeviceQueue:
         """Requests the node holds at once: one on the device, the rest waiting."""
         return 1 + self.max_queue
 
-    async def run(self, work: Callable[[StopCheck], T], *, label: str) -> T:
-        """Run ``work(should_stop)`` on the device thread; 503 at once when the queue is full.
-
-        If the awaiting task is cancelled (the client went away), ``should_stop`` turns true, and
-        the device is held until the job has noticed, so the counts stay true.
-        """
+    def check_admission(self) -> None:
+        """503 (with a Retry-After from the recent job times) when no more requests fit."""
         if self.waiting + self.running >= self.capacity:
             wait_s = self._typical_job_s * (self.waiting + self.running)
             raise ServiceUnavailable(
@@ -53,12 +51,25 @@ class DeviceQueue:
                 f"(limit {self.max_queue}); retry later or elsewhere.",
                 retry_after=max(1, min(60, math.ceil(wait_s))),
             )
+
+    async def run(self, work: Callable[[StopCheck], T], *, label: str, notify: Notify | None = None) -> T:
+        """Run ``work(should_stop)`` on the device thread; 503 at once when the queue is full.
+
+        ``notify`` hears ``queued`` (with the number of requests ahead) and ``started``. If the awaiting
+        task is cancelled (the client went away), ``should_stop`` turns true, and the device is held
+        until the job has noticed, so the counts stay true.
+        """
+        self.check_admission()
+        if notify:
+            notify("queued", {"position": self.waiting + self.running})
         queued_at = time.monotonic()
         self._set_waiting(+1)
         try:
             await self._turn.acquire()
         finally:
             self._set_waiting(-1)
+        if notify:
+            notify("started", {"node": self.node_id})
         self._metrics.queue_wait.labels(label).observe(time.monotonic() - queued_at)
         stop = threading.Event()
         self.running += 1

@@ -120,7 +120,12 @@ class DiffusersEngine:
         self._free_device_cache()
 
     def generate(
-        self, request: TextToImageRequest, model_id: str, seed: int, should_stop: Callable[[], bool]
+        self,
+        request: TextToImageRequest,
+        model_id: str,
+        seed: int,
+        should_stop: Callable[[], bool],
+        on_step: Callable[[int, int], None] | None = None,
     ) -> list[GeneratedImage]:
         if should_stop():
             raise GenerationCancelled()
@@ -138,9 +143,11 @@ class DiffusersEngine:
             guidance = profile.default_guidance
         n = request.num_images_per_prompt
 
-        def stop_at_step(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        def after_step(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
             if should_stop():
                 raise GenerationCancelled()
+            if on_step:
+                on_step(step + 1, steps)
             return tensors
 
         kwargs: dict[str, Any] = dict(
@@ -152,7 +159,7 @@ class DiffusersEngine:
             num_images_per_prompt=n,
             # One CPU generator per image: image i depends only on seed + i, on any device.
             generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(n)],
-            callback_on_step_end=stop_at_step,
+            callback_on_step_end=after_step,
         )
         if profile.negative_prompt and request.negative_prompt:
             kwargs["negative_prompt"] = request.negative_prompt

@@ -44,10 +44,17 @@ class InferenceEngine(Protocol):
         """Make ``model_id`` ready (a no-op when it is loaded); True if it was loaded by this call."""
         ...
 
-    def generate(self, request: TextToImageRequest, model_id: str, seed: int, should_stop: Callable[[], bool]) -> list[GeneratedImage]:
+    def generate(
+        self,
+        request: TextToImageRequest,
+        model_id: str,
+        seed: int,
+        should_stop: Callable[[], bool],
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> list[GeneratedImage]:
         """Generate ``request.num_images_per_prompt`` PNGs, image i with seed ``seed + i``.
 
-        Raises ``GenerationCancelled`` once ``should_stop()`` turns true, ``OutOfMemory`` when the
+        ``on_step(i, n)`` is called (on the device thread) after each of the n denoising steps. Raises ``GenerationCancelled`` once ``should_stop()`` turns true, ``OutOfMemory`` when the
         device runs out of memory, and other ``APIError``s for problems the client can act on.
         """
         ...

@@ -11,6 +11,7 @@ from aiohttp import web
 from PIL import Image
 
 from t2i_common.schemas import TextToImageRequest
+from t2i_common.sse import encode
 from t2i_orchestrator.engine import GeneratedImage, GenerationCancelled
 
 
@@ -44,10 +45,19 @@ class FakeEngine:
         return True
 
     def generate(
-        self, request: TextToImageRequest, model_id: str, seed: int, should_stop: Callable[[], bool]
+        self,
+        request: TextToImageRequest,
+        model_id: str,
+        seed: int,
+        should_stop: Callable[[], bool],
+        on_step: Callable[[int, int], None] | None = None,
     ) -> list[GeneratedImage]:
         self.load(model_id)
         self.started.set()
+        steps = request.num_inference_steps or 2
+        for step in range(1, steps + 1):
+            if on_step:
+                on_step(step, steps)
         while not self.gate.wait(0.01):
             if should_stop():
                 self.stopped.set()
@@ -116,9 +126,18 @@ class FakeOrchestrator:
         n = int(body.get("num_images_per_prompt", 1))
         seed = int(body.get("seed") or 0)
         base = f"{request.scheme}://{request.host}"
-        return web.json_response(
-            {"images": [{"url": f"{base}/stream/{'ab' * 16}/{i:016x}.png", "seed": seed + i, "nsfw": False} for i in range(n)]}
-        )
+        result = {"images": [{"url": f"{base}/stream/{'ab' * 16}/{i:016x}.png", "seed": seed + i, "nsfw": False} for i in range(n)]}
+        if "text/event-stream" not in request.headers.get("Accept", ""):
+            return web.json_response(result)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        steps = int(body.get("num_inference_steps") or 1)
+        events = [("queued", {"position": 0}), ("started", {"node": "fake"})]
+        events += [("progress", {"step": i, "steps": steps}) for i in range(1, steps + 1)] + [("result", result)]
+        for name, data in events:
+            await response.write(encode(name, data))
+        await response.write_eof()
+        return response
 
     async def _stream(self, request: web.Request) -> web.Response:
         if not self._authorized(request):

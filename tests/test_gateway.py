@@ -370,3 +370,12 @@ def test_the_gateway_never_imports_torch_or_diffusers() -> None:
 
     code = "import sys, t2i_gateway.__main__, discovery.registry; print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
+async def test_before_any_node_is_seen_a_named_model_is_a_503_not_a_400(make_gateway: MakeGateway) -> None:
+    fake = FakeOrchestrator()
+    fake.status = "loading"
+    fake.models = []
+    gateway = await make_gateway(fake, wait_ready=False)
+    response = await gateway.post({**BODY, "model_id": "m/any"})
+    assert response.status == 503 and "Retry-After" in response.headers
