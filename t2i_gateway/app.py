@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -53,6 +54,7 @@ SESSION = web.AppKey("session", aiohttp.ClientSession)
 OPENAPI = web.AppKey("openapi", dict)
 
 STREAM_CHUNK = 64 * 1024
+PLAYGROUND = web.AppKey("playground", str)
 
 
 def create_app(
@@ -74,11 +76,14 @@ def create_app(
     app[SIGNER] = StreamSigner(stream_secret, config.image_ttl_s)
     app[SCHEMA] = build_request_schema(config.limits)
     app[OPENAPI] = build_openapi(config.limits, api_keys=bool(config.api_keys))
+    app[PLAYGROUND] = (Path(__file__).parent / "playground.html").read_text()
     app.cleanup_ctx.extend([_client_session, _node_pool])
+    app.router.add_get("/", playground)
     app.router.add_post("/text-to-image", text_to_image)
     app.router.add_get("/stream/{token}/{name}.png", stream_image)
     app.router.add_get("/health", health)
     app.router.add_get("/orchestrators", orchestrators)
+    app.router.add_get("/models", models)
     app.router.add_get("/openapi.json", openapi)
     metrics.setup(app, app[METRICS].registry)
     return app
@@ -303,6 +308,15 @@ async def health(request: web.Request) -> web.Response:
 
 async def orchestrators(request: web.Request) -> web.Response:
     return web.json_response({"orchestrators": request.app[POOL].describe()})
+
+
+async def playground(request: web.Request) -> web.Response:
+    """A single page to try the API in a browser; no external assets, so it works offline."""
+    return web.Response(text=request.app[PLAYGROUND], content_type="text/html")
+
+
+async def models(request: web.Request) -> web.Response:
+    return web.json_response({"models": request.app[POOL].models_summary()})
 
 
 async def openapi(request: web.Request) -> web.Response:

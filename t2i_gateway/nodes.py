@@ -108,6 +108,18 @@ class NodePool:
         """Every model any known node offers (as last seen), sorted."""
         return sorted({m["model_id"] for node in self.nodes.values() for m in (node.capabilities or {}).get("models", [])})
 
+    def models_summary(self) -> list[dict[str, Any]]:
+        """Each model on offer, with on how many healthy nodes it is warm or loadable."""
+        healthy = self.healthy()
+        return [
+            {
+                "model_id": model_id,
+                "warm_nodes": sum(node.tier(model_id) == 0 for node in healthy),
+                "loadable_nodes": sum(node.tier(model_id) == 1 for node in healthy),
+            }
+            for model_id in self.models_on_offer()
+        ]
+
     def default_model(self) -> str | None:
         """The gateway's default when a request names no model: the one warm on the most ready nodes,
         else the one offered by the most ready nodes."""

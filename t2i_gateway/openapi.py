@@ -71,10 +71,18 @@ def build_openapi(limits: Limits, *, api_keys: bool) -> dict[str, Any]:
                 "security": security,
                 "requestBody": {"required": True, "content": {"application/json": {"schema": "TextToImageParams"}}},
                 "responses": {
-                    "200": {"description": "The generated images.", "content": {"application/json": {"schema": "ImageResponse"}}},
+                    "200": {
+                        "description": "The generated images; with `Accept: text/event-stream`, live progress events "
+                        "(queued, started, progress, retry) and then `result` (this body) or `error`.",
+                        "content": {
+                            "application/json": {"schema": "ImageResponse"},
+                            "text/event-stream": {"schema": {"type": "string"}},
+                        },
+                    },
                     "400": _error("Malformed JSON, or a model or LoRA that no orchestrator offers."),
                     **({"401": _error("Missing or wrong API key.")} if api_keys else {}),
                     "413": _error("The body is too large."),
+                    "415": _error("The body is not declared as JSON."),
                     "422": _error("Invalid fields.", "HTTPValidationError"),
                     "500": _error("Generation failed on the orchestrator."),
                     "503": busy,

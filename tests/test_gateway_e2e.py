@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import subprocess
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,8 @@ from typing import Any
 
 import aiohttp
 import pytest
+
+from t2i_common.sse import read_events
 
 from .processes import Daemon, start, wait_healthy
 
@@ -109,6 +112,30 @@ async def test_requests_spread_over_warm_nodes_and_images_come_through(network: 
         node_url, path, _ = json.loads(base64.urlsafe_b64decode(token.split(".")[0] + "=="))
         async with session.get(f"{node_url}{path}", headers={"Authorization": f"Bearer {SECRET}"}) as response:
             assert await response.read() == through_gateway
+
+
+async def test_events_relay_progress_and_a_disconnect_stops_the_generation(network: dict[str, Any]) -> None:
+    gateway = network["gateway"]
+    long_job = {**BODY, "width": 512, "height": 512, "num_inference_steps": 100}  # about 30 s if left alone
+    async with aiohttp.ClientSession() as session:
+        response = await session.post(f"{gateway.url}/text-to-image", json=long_job, headers={"Accept": "text/event-stream"})
+        seen = []
+        async for event, data in read_events(response.content):
+            seen.append(event)
+            if event == "progress" and data["step"] >= 2:
+                break
+        assert seen[:2] == ["started", "queued"] and "progress" in seen
+        response.close()  # the client goes away mid-stream
+        started = time.monotonic()
+        while time.monotonic() - started < 15:
+            busy = 0
+            for node in network["nodes"]:
+                async with session.get(f"{node.url}/capabilities", headers={"Authorization": f"Bearer {SECRET}"}) as answer:
+                    busy += (await answer.json())["in_flight"]
+            if not busy:
+                break
+            await asyncio.sleep(0.2)
+        assert busy == 0  # stopped at the next step, long before its 100 steps were done
 
 
 async def test_a_hung_node_is_timed_out_and_requests_succeed_elsewhere(network: dict[str, Any]) -> None:

@@ -1,0 +1,60 @@
+"""``t2i``, the command-line client, as a real process against a gateway with fake nodes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+from .fakes import FakeOrchestrator
+from .test_gateway import MakeGateway, make_gateway  # noqa: F401 - the fixture
+
+
+async def t2i(gateway_url: str, *args: str, cwd: Path, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "t2i_cli", *args, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "T2I_GATEWAY_URL": gateway_url, **(env or {})},
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert process.returncode is not None
+    return process.returncode, stdout.decode(), stderr.decode()
+
+
+async def test_generate_shows_progress_downloads_and_prints_seeds(make_gateway: MakeGateway, tmp_path: Path) -> None:  # noqa: F811
+    fake = FakeOrchestrator()
+    gateway = await make_gateway(fake)
+    url = str(gateway.client.make_url("")).rstrip("/")
+    code, out, err = await t2i(url, "generate", "a cool cat on the beach", "-o", "cat.png", "-n", "2", "--seed", "9", "--steps", "3",
+                               "--width", "64", "--height", "64", cwd=tmp_path)
+    assert code == 0, err
+    assert out.splitlines() == ["cat-1.png\tseed 9\tnsfw false", "cat-2.png\tseed 10\tnsfw false"]
+    assert (tmp_path / "cat-1.png").read_bytes() == fake.image == (tmp_path / "cat-2.png").read_bytes()
+    assert "step 3/3" in err
+    assert fake.requests[0]["num_inference_steps"] == 3 and fake.requests[0]["prompt"] == "a cool cat on the beach"
+
+
+async def test_errors_exit_non_zero_with_the_servers_message(make_gateway: MakeGateway, tmp_path: Path) -> None:  # noqa: F811
+    refusing = FakeOrchestrator()
+    gateway = await make_gateway(refusing, api_keys=frozenset({"k"}))
+    url = str(gateway.client.make_url("")).rstrip("/")
+    code, _, err = await t2i(url, "generate", "a", "--width", "100", cwd=tmp_path, env={"T2I_API_KEY": "k"})
+    assert code == 1 and "422" in err and "width: Must be a multiple of 8, got 100." in err
+    code, _, err = await t2i(url, "generate", "a", cwd=tmp_path)
+    assert code == 1 and "401" in err and "API key" in err
+    refusing.mode = "refuse"
+    code, _, err = await t2i(url, "--api-key", "k", "generate", "a", cwd=tmp_path)
+    assert code == 1 and "fake refusal" in err
+    code, _, err = await t2i("http://127.0.0.1:9", "models", cwd=tmp_path)
+    assert code == 1 and "cannot reach the gateway" in err
+
+
+async def test_models_and_nodes(make_gateway: MakeGateway, tmp_path: Path) -> None:  # noqa: F811
+    cold = FakeOrchestrator([{"model_id": "m/warm", "pipeline": "text-to-image", "warm": False, "loaded": False}])
+    gateway = await make_gateway(FakeOrchestrator(), FakeOrchestrator(), cold)
+    url = str(gateway.client.make_url("")).rstrip("/")
+    code, out, _ = await t2i(url, "models", cwd=tmp_path)
+    assert code == 0 and out.strip() == "m/warm\twarm on 2 node(s)\tloadable on 1 more"
+    code, out, _ = await t2i(url, "nodes", cwd=tmp_path)
+    assert code == 0 and len(out.splitlines()) == 3 and all("healthy" in line for line in out.splitlines())
+    assert sum("loadable: m/warm" in line for line in out.splitlines()) == 1
