@@ -24,45 +24,49 @@ def free_port() -> int:
 
 @dataclass
 class Process:
-    popen: subprocess.Popen[bytes]
+    """A daemon started on loopback, with its log file."""
+
+    process: subprocess.Popen[bytes]
     url: str
     log: Path
 
     def signal(self, sig: signal.Signals) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(sig)
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
 
-    def stop(self) -> None:
+    def stop(self) -> int:
+        """SIGTERM (after SIGCONT, in case it was stopped), SIGKILL after 30 s; returns the exit code."""
         self.signal(signal.SIGCONT)
         self.signal(signal.SIGTERM)
         try:
-            self.popen.wait(timeout=30)
+            return self.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait()
+            self.process.kill()
+            return self.process.wait()
 
     def peak_rss_mib(self) -> float:
         """The process's peak resident memory (VmHWM), in MiB."""
-        for line in Path(f"/proc/{self.popen.pid}/status").read_text().splitlines():
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
         return float("nan")
 
 
-def launch(args: list[str], workdir: Path, name: str, env: dict[str, str] | None = None) -> Process:
-    port = free_port()
+def launch(args: list[str], workdir: Path, name: str, env: dict[str, str] | None = None, port: int | None = None) -> Process:
+    """``python ARGS --port PORT`` (a free port unless given), its output appended to ``workdir/NAME.log``."""
+    port = port or free_port()
     log = workdir / f"{name}.log"
-    popen = subprocess.Popen(
+    process = subprocess.Popen(
         [sys.executable, *args, "--port", str(port)], stdout=log.open("ab"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
     )
-    return Process(popen, f"http://127.0.0.1:{port}", log)
+    return Process(process, f"http://127.0.0.1:{port}", log)
 
 
 async def wait_healthy(process: Process, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     async with aiohttp.ClientSession() as session:
         while time.monotonic() < deadline:
-            if process.popen.poll() is not None:
+            if process.process.poll() is not None:
                 break
             try:
                 async with session.get(f"{process.url}/health", timeout=aiohttp.ClientTimeout(total=2)) as response:

@@ -94,11 +94,15 @@ async def generate(session: aiohttp.ClientSession, gateway: str, args: argparse.
         print(f"{path}\tseed {image['seed']}\tnsfw {str(image['nsfw']).lower()}")
 
 
-async def models(session: aiohttp.ClientSession, gateway: str, args: argparse.Namespace) -> None:
-    async with session.get(f"{gateway}/models") as response:
+async def _get(session: aiohttp.ClientSession, url: str) -> Any:
+    async with session.get(url) as response:
         if response.status != 200:
             raise CommandError(error_message(response.status, await _json(response)))
-        listing = (await response.json())["models"]
+        return await response.json()
+
+
+async def models(session: aiohttp.ClientSession, gateway: str, args: argparse.Namespace) -> None:
+    listing = (await _get(session, f"{gateway}/models"))["models"]
     if not listing:
         print("no models on offer (no orchestrator has been seen yet)")
     for model in listing:
@@ -106,11 +110,7 @@ async def models(session: aiohttp.ClientSession, gateway: str, args: argparse.Na
 
 
 async def nodes(session: aiohttp.ClientSession, gateway: str, args: argparse.Namespace) -> None:
-    async with session.get(f"{gateway}/orchestrators") as response:
-        if response.status != 200:
-            raise CommandError(error_message(response.status, await _json(response)))
-        listing = (await response.json())["orchestrators"]
-    for node in listing:
+    for node in (await _get(session, f"{gateway}/orchestrators"))["orchestrators"]:
         state = "healthy" if node["healthy"] else f"down ({node['last_error'] or 'not ready'})"
         latency = f"{node['latency_s']:.2f} s" if node["latency_s"] is not None else "-"
         print(

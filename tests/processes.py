@@ -1,49 +1,20 @@
-"""Starting the real daemons as processes on loopback, for end-to-end tests."""
+"""Starting the real daemons as processes on loopback, for end-to-end tests (on ``bench.common``'s helpers)."""
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
+from bench.common import Process as Daemon
+from bench.common import free_port, launch
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class Daemon:
-    process: subprocess.Popen[bytes]
-    url: str
-    log: Path
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGCONT)
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                return self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        return self.process.wait()
+__all__ = ["Daemon", "free_port", "start", "wait_healthy"]
 
 
 def start(module: str, args: list[str], log_dir: Path, env: dict[str, str] | None = None, port: int | None = None) -> Daemon:
     port = port or free_port()
-    log = log_dir / f"{module}-{port}.log"
-    process = subprocess.Popen(
-        [sys.executable, "-m", module, "--port", str(port), *args],
-        stdout=log.open("ab"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-    )
-    return Daemon(process, f"http://127.0.0.1:{port}", log)
+    return launch(["-m", module, *args], log_dir, f"{module}-{port}", env, port)
 
 
 def wait_healthy(daemon: Daemon, timeout: float = 90) -> None:

@@ -4,12 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -18,13 +12,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from .processes import start, wait_healthy
+
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def http(method: str, url: str, body: dict | None = None, headers: dict | None = None) -> tuple[int, bytes]:
@@ -39,28 +29,16 @@ def http(method: str, url: str, body: dict | None = None, headers: dict | None =
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Iterator[str]:
-    port = free_port()
-    storage = tmp_path_factory.mktemp("images")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "t2i_orchestrator", "--port", str(port), "--cache-dir", str(model_cache),
-         "--storage-dir", str(storage), "--secret", "node-secret", "--threads", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "T2I_ORCHESTRATOR_MAX_QUEUE": "3"},
+    logs = tmp_path_factory.mktemp("node")
+    daemon = start(
+        "t2i_orchestrator",
+        ["--cache-dir", str(model_cache), "--storage-dir", str(logs / "images"), "--threads", "1"],
+        logs,
+        {"T2I_ORCHESTRATOR_MAX_QUEUE": "3", "T2I_ORCHESTRATOR_SECRET": "node-secret"},
     )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if http("GET", f"{base}/health")[0] == 200:
-                break
-        except OSError:
-            pass
-        time.sleep(0.2)
-    else:
-        process.kill()
-        raise AssertionError(f"the node did not become healthy:\n{process.stdout.read().decode() if process.stdout else ''}")
-    yield base
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=30) == 0
+    wait_healthy(daemon)
+    yield daemon.url
+    assert daemon.stop() == 0
 
 
 AUTH = {"Authorization": "Bearer node-secret"}
