@@ -19,7 +19,7 @@ import metrics
 from discovery import registry
 from metrics import OrchestratorMetrics
 from t2i_common import __version__
-from t2i_common.errors import BadRequest, NotFound, ServiceUnavailable, Unauthorized, error_middleware
+from t2i_common.errors import BadRequest, NotFound, Unauthorized, error_middleware
 from t2i_common.logs import prompt_for_log
 from t2i_common.schemas import MAX_SEED, TextToImageRequest, build_request_schema, parse_request
 from t2i_common.server import DRAIN, Drain

@@ -2,8 +2,23 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiohttp.test_utils import TestClient
+from prometheus_client import CollectorRegistry
+
+from discovery import Endpoint, StaticDiscovery
+from metrics import GatewayMetrics, OrchestratorMetrics
+from t2i_gateway.app import POOL
+from t2i_gateway.app import create_app as create_gateway
+from t2i_gateway.config import GatewayConfig
+from t2i_orchestrator.app import create_app as create_orchestrator
+from t2i_orchestrator.config import OrchestratorConfig
+from t2i_orchestrator.models import ModelSpec
+
+from .fakes import FakeEngine, FakeOrchestrator
+from .helpers import Gateway, MakeClient, MakeGateway, wait_ready, wait_until
 
 # Tests never reach the Hugging Face Hub, and several torch processes share two cores.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -57,3 +72,40 @@ def nsfw_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-nsfw")
     build_demo_model(folder, flag_everything=True)
     return folder
+
+
+@pytest.fixture
+def engine() -> FakeEngine:
+    return FakeEngine()
+
+
+@pytest.fixture
+def make_client(aiohttp_client: Any, tmp_path: Path, engine: FakeEngine) -> MakeClient:
+    async def make(**overrides: Any) -> TestClient:
+        config = OrchestratorConfig(
+            models=(ModelSpec("warm/model", warm=True), ModelSpec("cold/model")),
+            storage_dir=tmp_path / "images",
+            **overrides,
+        )
+        client = await aiohttp_client(create_orchestrator(config, engine=engine, metrics_=OrchestratorMetrics(CollectorRegistry())))
+        await wait_ready(client)
+        return client
+
+    return make
+
+
+@pytest.fixture
+def make_gateway(aiohttp_client: Any, aiohttp_server: Any) -> MakeGateway:
+    async def make(*fakes: FakeOrchestrator, wait_ready: bool = True, **overrides: Any) -> Gateway:
+        servers = [await aiohttp_server(fake.app()) for fake in fakes]
+        endpoints = [Endpoint(str(server.make_url("")).rstrip("/")) for server in servers]
+        metrics = GatewayMetrics(CollectorRegistry())
+        config = GatewayConfig(orchestrators=tuple(e.url for e in endpoints), **overrides)
+        app = create_gateway(config, discovery=StaticDiscovery(endpoints), stream_secret=b"test-secret", metrics_=metrics)
+        client = await aiohttp_client(app)
+        gateway = Gateway(client, servers, metrics)
+        if wait_ready:
+            await wait_until(lambda: all(n.capabilities for n in app[POOL].nodes.values()) and len(app[POOL].healthy()) > 0)
+        return gateway
+
+    return make

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from .fakes import FakeOrchestrator
-from .test_gateway import MakeGateway, make_gateway  # noqa: F401 - the fixture
+from .helpers import MakeGateway
 
 
 async def t2i(gateway_url: str, *args: str, cwd: Path, env: dict[str, str] | None = None) -> tuple[int, str, str]:
@@ -21,7 +21,7 @@ async def t2i(gateway_url: str, *args: str, cwd: Path, env: dict[str, str] | Non
     return process.returncode, stdout.decode(), stderr.decode()
 
 
-async def test_generate_shows_progress_downloads_and_prints_seeds(make_gateway: MakeGateway, tmp_path: Path) -> None:  # noqa: F811
+async def test_generate_shows_progress_downloads_and_prints_seeds(make_gateway: MakeGateway, tmp_path: Path) -> None:
     fake = FakeOrchestrator()
     gateway = await make_gateway(fake)
     url = str(gateway.client.make_url("")).rstrip("/")
@@ -34,7 +34,7 @@ async def test_generate_shows_progress_downloads_and_prints_seeds(make_gateway: 
     assert fake.requests[0]["num_inference_steps"] == 3 and fake.requests[0]["prompt"] == "a cool cat on the beach"
 
 
-async def test_errors_exit_non_zero_with_the_servers_message(make_gateway: MakeGateway, tmp_path: Path) -> None:  # noqa: F811
+async def test_errors_exit_non_zero_with_the_servers_message(make_gateway: MakeGateway, tmp_path: Path) -> None:
     refusing = FakeOrchestrator()
     gateway = await make_gateway(refusing, api_keys=frozenset({"k"}))
     url = str(gateway.client.make_url("")).rstrip("/")
@@ -49,7 +49,7 @@ async def test_errors_exit_non_zero_with_the_servers_message(make_gateway: MakeG
     assert code == 1 and "cannot reach the gateway" in err
 
 
-async def test_models_and_nodes(make_gateway: MakeGateway, tmp_path: Path) -> None:  # noqa: F811
+async def test_models_and_nodes(make_gateway: MakeGateway, tmp_path: Path) -> None:
     cold = FakeOrchestrator([{"model_id": "m/warm", "pipeline": "text-to-image", "warm": False, "loaded": False}])
     gateway = await make_gateway(FakeOrchestrator(), FakeOrchestrator(), cold)
     url = str(gateway.client.make_url("")).rstrip("/")

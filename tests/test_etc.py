@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,18 +17,10 @@ from t2i_gateway import config as gateway_config
 from t2i_orchestrator import config as orchestrator_config
 from t2i_orchestrator.models import load_models_file
 
+from .helpers import tool
+
 ROOT = Path(__file__).resolve().parent.parent
 ETC = ROOT / "etc"
-
-
-def tool(name: str) -> str:
-    """The path of a checking tool; CI installs them, elsewhere a missing one skips the test."""
-    path = shutil.which(name)
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{name} is missing: .ci/run must install it")
-        pytest.skip(f"{name} is not installed here (CI installs it)")
-    return path
 
 
 def test_example_configs_load(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -10,8 +10,7 @@ import aiohttp
 from t2i_common.sse import read_events
 
 from .fakes import FakeEngine, FakeOrchestrator
-from .test_gateway import BODY, MakeGateway, make_gateway  # noqa: F401 - the fixture
-from .test_orchestrator_api import MakeClient, engine, make_client  # noqa: F401 - the fixtures
+from .helpers import BODY, MakeClient, MakeGateway
 
 SSE = {"Accept": "text/event-stream"}
 
@@ -66,7 +65,7 @@ async def test_disconnecting_mid_stream_cancels_the_generation(make_client: Make
     assert await asyncio.to_thread(engine.stopped.wait, 5)
 
 
-async def test_gateway_relays_events_and_announces_retries(make_gateway: MakeGateway) -> None:  # noqa: F811
+async def test_gateway_relays_events_and_announces_retries(make_gateway: MakeGateway) -> None:
     failing, good = FakeOrchestrator(), FakeOrchestrator()
     failing.mode = "fail"
     good.busy_report = 1  # the failing node is tried first
@@ -82,7 +81,7 @@ async def test_gateway_relays_events_and_announces_retries(make_gateway: MakeGat
     assert events[-1][1]["images"][0]["url"].startswith(str(gateway.client.make_url("/stream/")))
 
 
-async def test_gateway_errors_arrive_as_error_events(make_gateway: MakeGateway) -> None:  # noqa: F811
+async def test_gateway_errors_arrive_as_error_events(make_gateway: MakeGateway) -> None:
     refusing = FakeOrchestrator()
     refusing.mode = "refuse"
     gateway = await make_gateway(refusing)

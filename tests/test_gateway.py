@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import json
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
 from openapi_spec_validator import validate
 from prometheus_client import CollectorRegistry
 
@@ -19,51 +15,7 @@ from t2i_gateway.app import POOL, create_app
 from t2i_gateway.config import GatewayConfig
 
 from .fakes import FakeOrchestrator
-
-BODY = {"prompt": "a cool cat on the beach", "width": 64, "height": 64}
-ON_DEMAND = [{"model_id": "m/warm", "pipeline": "text-to-image", "warm": False, "loaded": False}]
-
-
-@dataclass
-class Gateway:
-    client: TestClient
-    servers: list[TestServer]
-    metrics: GatewayMetrics
-
-    def url_of(self, index: int) -> str:
-        return str(self.servers[index].make_url("")).rstrip("/")
-
-    async def post(self, body: dict[str, Any] | None = None, **kwargs: Any) -> Any:
-        return await self.client.post("/text-to-image", json=BODY if body is None else body, **kwargs)
-
-
-MakeGateway = Callable[..., Awaitable[Gateway]]
-
-
-@pytest.fixture
-def make_gateway(aiohttp_client: Any, aiohttp_server: Any) -> MakeGateway:
-    async def make(*fakes: FakeOrchestrator, wait_ready: bool = True, **overrides: Any) -> Gateway:
-        servers = [await aiohttp_server(fake.app()) for fake in fakes]
-        endpoints = [Endpoint(str(server.make_url("")).rstrip("/")) for server in servers]
-        metrics = GatewayMetrics(CollectorRegistry())
-        config = GatewayConfig(orchestrators=tuple(e.url for e in endpoints), **overrides)
-        app = create_app(config, discovery=StaticDiscovery(endpoints), stream_secret=b"test-secret", metrics_=metrics)
-        client = await aiohttp_client(app)
-        gateway = Gateway(client, servers, metrics)
-        if wait_ready:
-            await wait_until(lambda: all(n.capabilities for n in app[POOL].nodes.values()) and len(app[POOL].healthy()) > 0)
-        return gateway
-
-    return make
-
-
-async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    for _ in range(int(timeout / 0.02)):
-        if condition():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("condition not met in time")
-
+from .helpers import BODY, ON_DEMAND, MakeGateway, wait_until
 
 async def test_requests_spread_across_equal_nodes(make_gateway: MakeGateway) -> None:
     fakes = [FakeOrchestrator(), FakeOrchestrator(), FakeOrchestrator()]

@@ -24,6 +24,7 @@ import pytest
 
 from t2i_common.sse import read_events
 
+from .helpers import tool
 from .processes import Daemon, start, wait_healthy
 
 pytestmark = pytest.mark.slow
@@ -188,8 +189,6 @@ def test_logs_hold_no_secrets_and_no_prompts(network: dict[str, Any]) -> None:
 
 
 def test_live_metrics_pass_promtool(network: dict[str, Any]) -> None:
-    from .test_etc import tool
-
     promtool = tool("promtool")
     for daemon in (network["gateway"], network["nodes"][1]):
         with urllib.request.urlopen(f"{daemon.url}/metrics", timeout=10) as response:

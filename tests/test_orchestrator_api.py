@@ -6,12 +6,10 @@ import asyncio
 import json
 import os
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient
 from prometheus_client import CollectorRegistry
 
 from metrics import OrchestratorMetrics
@@ -20,38 +18,7 @@ from t2i_orchestrator.config import OrchestratorConfig
 from t2i_orchestrator.models import ModelSpec
 
 from .fakes import FakeEngine
-
-MakeClient = Callable[..., Awaitable[TestClient]]
-
-
-@pytest.fixture
-def engine() -> FakeEngine:
-    return FakeEngine()
-
-
-@pytest.fixture
-def make_client(aiohttp_client: Any, tmp_path: Path, engine: FakeEngine) -> MakeClient:
-    async def make(**overrides: Any) -> TestClient:
-        config = OrchestratorConfig(
-            models=(ModelSpec("warm/model", warm=True), ModelSpec("cold/model")),
-            storage_dir=tmp_path / "images",
-            **overrides,
-        )
-        client = await aiohttp_client(create_app(config, engine=engine, metrics_=OrchestratorMetrics(CollectorRegistry())))
-        await wait_ready(client)
-        return client
-
-    return make
-
-
-async def wait_ready(client: TestClient) -> None:
-    for _ in range(200):
-        response = await client.get("/health")
-        if response.status == 200:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("the node never became ready")
-
+from .helpers import MakeClient, wait_ready
 
 async def test_generates_images_with_consecutive_seeds_and_serves_them(make_client: MakeClient) -> None:
     client = await make_client()

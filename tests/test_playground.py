@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from .processes import Daemon, start, wait_healthy
-from .test_etc import tool
+from .helpers import tool
 
 pytestmark = pytest.mark.slow
 

@@ -20,7 +20,7 @@ from t2i_gateway.app import POOL, create_app
 from t2i_gateway.config import GatewayConfig
 
 from .fakes import FakeOrchestrator
-from .test_gateway import BODY, wait_until
+from .helpers import BODY, wait_until
 
 
 def t2i_register(*args: str) -> subprocess.CompletedProcess[str]:

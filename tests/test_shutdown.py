@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
