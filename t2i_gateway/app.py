@@ -33,7 +33,7 @@ from t2i_common.errors import (
     error_middleware,
 )
 from t2i_common.logs import prompt_for_log
-from t2i_common.schemas import build_request_schema, parse_request
+from t2i_common.schemas import TextToImageRequest, build_request_schema, parse_request
 from t2i_common.server import DRAIN, Drain
 from t2i_common.sse import Notify, respond_with_events, wants_events
 
@@ -133,11 +133,36 @@ class _Refused(APIError):
 
 async def text_to_image(request: web.Request) -> web.StreamResponse:
     app = request.app
+    try:
+        job, model_id = _admit(request, await request.read())
+    except APIError as error:
+        # Refused before any attempt: counted too (the error-ratio alert needs these).
+        app[METRICS].requests.labels(str(error.status), "other").inc()
+        raise
+    trace = _Trace(request.headers.get("X-Request-ID") or uuid.uuid4().hex)
+    forward = {**job.raw, "model_id": model_id}
+
+    async def run(notify: Notify | None) -> dict[str, Any]:
+        return await _observed(request, trace, job.request.prompt, model_id, forward, job.request.num_images_per_prompt, notify)
+
+    if wants_events(request):
+        return await respond_with_events(request, run)
+    return web.json_response(await run(None), headers={"X-Request-ID": trace.request_id})
+
+
+@dataclass(frozen=True)
+class _Job:
+    request: TextToImageRequest
+    raw: dict[str, Any]  # the fields as the client sent them, forwarded as they are
+
+
+def _admit(request: web.Request, body: bytes) -> tuple[_Job, str]:
+    """Everything that can refuse a request before any node is tried; the job and its model."""
+    app = request.app
     config, pool = app[CONFIG], app[POOL]
     if app[DRAIN].in_flight > config.max_in_flight:  # this request is counted already
         raise ServiceUnavailable(f"The gateway is handling {config.max_in_flight} requests already; retry shortly.", retry_after=1)
     _check_api_key(config, request)
-    body = await request.read()
     job = parse_request(body, request.headers.get("Content-Type"), app[SCHEMA])
     model_id = job.model_id or config.default_model or pool.default_model()
     if not model_id:
@@ -150,15 +175,7 @@ async def text_to_image(request: web.Request) -> web.StreamResponse:
             f"Every orchestrator that serves {model_id!r} is busy, suspended or down; retry later.",
             retry_after=retry_after_s(pool.healthy()),
         )
-    trace = _Trace(request.headers.get("X-Request-ID") or uuid.uuid4().hex)
-    forward = {**json.loads(body), "model_id": model_id}
-
-    async def run(notify: Notify | None) -> dict[str, Any]:
-        return await _observed(request, trace, job.prompt, model_id, forward, job.num_images_per_prompt, notify)
-
-    if wants_events(request):
-        return await respond_with_events(request, run)
-    return web.json_response(await run(None), headers={"X-Request-ID": trace.request_id})
+    return _Job(job, json.loads(body)), model_id
 
 
 async def _observed(

@@ -331,3 +331,14 @@ async def test_before_any_node_is_seen_a_named_model_is_a_503_not_a_400(make_gat
     gateway = await make_gateway(fake, wait_ready=False)
     response = await gateway.post({**BODY, "model_id": "m/any"})
     assert response.status == 503 and "Retry-After" in response.headers
+
+
+async def test_refusals_before_any_attempt_are_counted(make_gateway: MakeGateway) -> None:
+    full = FakeOrchestrator(capacity=1)
+    full.busy_report = 1
+    gateway = await make_gateway(full)
+    assert (await gateway.post()).status == 503
+    assert (await gateway.post({"prompt": ""})).status == 422
+    registry = gateway.metrics.registry
+    assert registry.get_sample_value("t2i_gateway_requests_total", {"status": "503", "model": "other"}) == 1
+    assert registry.get_sample_value("t2i_gateway_requests_total", {"status": "422", "model": "other"}) == 1
