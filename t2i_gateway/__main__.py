@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import secrets
 import ssl
 import sys
@@ -21,9 +20,6 @@ from t2i_common.server import serve
 from .app import create_app
 from .config import GatewayConfig, load_config
 from .local import LocalOrchestrator
-
-logger = logging.getLogger("t2i_gateway")
-
 
 def build_app(config: GatewayConfig) -> web.Application:
     metrics = GatewayMetrics()
