@@ -24,7 +24,7 @@ async def test_requests_spread_across_equal_nodes(make_gateway: MakeGateway) -> 
     for _ in range(30):
         assert (await gateway.post()).status == 200
     counts = [len(fake.requests) for fake in fakes]
-    assert sum(counts) == 30 and min(counts) >= 3, counts
+    assert sum(counts) == 30 and min(counts) >= 2, counts  # a node left out by chance: p < 0.0003
 
 
 async def test_concurrent_requests_fill_nodes_by_free_capacity(make_gateway: MakeGateway) -> None:

@@ -96,7 +96,7 @@ async def test_requests_spread_over_warm_nodes_and_images_come_through(network: 
     a, b, c = network["nodes"]
     gateway = network["gateway"]
     async with aiohttp.ClientSession() as session:
-        for _ in range(8):  # one at a time: every warm node is equally free, ties go at random
+        for _ in range(16):  # one at a time: every warm node is equally free, ties go at random
             async with session.post(f"{gateway.url}/text-to-image", json=BODY) as response:
                 assert response.status == 200
                 [image] = (await response.json())["images"]
@@ -162,7 +162,9 @@ async def test_a_node_killed_mid_run_costs_the_clients_nothing(network: dict[str
         before = (await served_by(session, gateway)).get(a.url, 0)
         retries_before = await metric(session, gateway, "t2i_gateway_retries_total")
         load = asyncio.create_task(generate(session, gateway, 24, 4))
-        while (await served_by(session, gateway)).get(a.url, 0) < before + 2:  # a is serving this load
+        for _ in range(600):  # until a is serving this load
+            if (await served_by(session, gateway)).get(a.url, 0) >= before + 2:
+                break
             await asyncio.sleep(0.05)
         a.process.send_signal(signal.SIGKILL)
         statuses = await asyncio.wait_for(load, timeout=120)
