@@ -233,8 +233,14 @@ async def capabilities(request: web.Request) -> web.Response:
             "in_flight": device.running,
             "queued": device.waiting,
             "models": [
-                {"model_id": s.model_id, "pipeline": s.pipeline, "warm": s.warm, "loaded": s.model_id in loaded}
-                for s in config.models
+                {
+                    "model_id": spec.model_id,
+                    "pipeline": spec.pipeline,
+                    "warm": spec.warm,
+                    "loaded": spec.model_id in loaded,
+                    "capacity": spec.capacity,  # as the models file says; the node runs one job at a time
+                }
+                for spec in config.models
             ],
         }
     )

@@ -171,8 +171,8 @@ async def test_capabilities_list_models_and_load_state(make_client: MakeClient) 
     body = await (await client.get("/capabilities")).json()
     assert body["device"] == "fake" and body["version"] and body["node_id"]
     assert body["models"] == [
-        {"model_id": "warm/model", "pipeline": "text-to-image", "warm": True, "loaded": True},
-        {"model_id": "cold/model", "pipeline": "text-to-image", "warm": False, "loaded": False},
+        {"model_id": "warm/model", "pipeline": "text-to-image", "warm": True, "loaded": True, "capacity": 1},
+        {"model_id": "cold/model", "pipeline": "text-to-image", "warm": False, "loaded": False, "capacity": 1},
     ]
 
 

@@ -59,7 +59,7 @@ def test_capabilities_and_settings_from_flags_and_environment(node: str) -> None
     capabilities = json.loads(body)
     assert status == 200
     assert capabilities["capacity"] == 4  # 1 generating + T2I_ORCHESTRATOR_MAX_QUEUE=3
-    assert capabilities["models"] == [{"model_id": "t2i/tiny-sd", "pipeline": "text-to-image", "warm": True, "loaded": True}]
+    assert capabilities["models"] == [{"model_id": "t2i/tiny-sd", "pipeline": "text-to-image", "warm": True, "loaded": True, "capacity": 1}]
 
 
 def test_errors_over_the_wire(node: str) -> None:
