@@ -19,11 +19,11 @@ import metrics
 from discovery import registry
 from metrics import OrchestratorMetrics
 from t2i_common import __version__
-from t2i_common.errors import BadRequest, NotFound, Unauthorized, error_middleware
+from t2i_common.errors import APIError, BadRequest, NotFound, Unauthorized, error_middleware
 from t2i_common.logs import prompt_for_log
 from t2i_common.schemas import MAX_SEED, TextToImageRequest, build_request_schema, parse_request
 from t2i_common.server import DRAIN, Drain
-from t2i_common.sse import Notify, respond_with_events, wants_events
+from t2i_common.sse import EVENT_STREAM, Notify, respond_with_events, wants_events
 
 from .config import OrchestratorConfig
 from .device import DeviceQueue, StopCheck
@@ -175,7 +175,21 @@ async def text_to_image(request: web.Request) -> web.StreamResponse:
     seed = job.seed if job.seed is not None else secrets.randbelow(MAX_SEED + 1)
     if wants_events(request):
         app[DEVICE].check_admission()  # a full queue is a plain 503, before the stream starts
-        return await respond_with_events(request, lambda notify: _generate(request, job, model_id, seed, notify))
+
+        async def counted(notify: Notify) -> dict[str, Any]:
+            # An event stream is a 200 whatever happens in it: count how it really ended.
+            status = 499  # the client went away (nginx's code for it)
+            try:
+                result = await _generate(request, job, model_id, seed, notify)
+                status = 200
+                return result
+            except APIError as error:
+                status = error.status
+                raise
+            finally:
+                app[METRICS].requests.labels(str(status)).inc()
+
+        return await respond_with_events(request, counted)
     return web.json_response(await _generate(request, job, model_id, seed, None))
 
 
@@ -291,7 +305,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 @web.middleware
 async def _count_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
     response = await handler(request)
-    if request.path.rstrip("/") == "/text-to-image":
+    if request.path.rstrip("/") == "/text-to-image" and response.content_type != EVENT_STREAM:  # streams count themselves
         request.app[METRICS].requests.labels(str(response.status)).inc()
     return response
 
