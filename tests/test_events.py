@@ -90,3 +90,23 @@ async def test_gateway_errors_arrive_as_error_events(make_gateway: MakeGateway) 
     events = await collect(await gateway.post(headers=SSE))
     assert events[-1][0] == "error" and events[-1][1]["status"] == 422
     assert events[-1][1]["body"]["detail"][0]["msg"] == "fake refusal"
+
+
+async def test_queue_positions_count_down_as_the_queue_moves(make_client: MakeClient, engine: FakeEngine) -> None:
+    client = await make_client()
+    engine.gate.clear()
+    body = {"prompt": "a", "width": 64, "height": 64}
+    first = asyncio.create_task(client.post("/text-to-image", json=body))
+    await asyncio.to_thread(engine.started.wait, 5)
+    second = asyncio.create_task(client.post("/text-to-image", json=body))
+    for _ in range(100):  # the second is queued before the third arrives
+        if (await (await client.get("/capabilities")).json())["queued"] == 1:
+            break
+        await asyncio.sleep(0.01)
+    third = await client.post("/text-to-image", json=body, headers=SSE)
+    engine.gate.set()
+    events = await collect(third)
+    # Two ahead (one generating, one waiting), then one, then its own turn.
+    assert [data["position"] for name, data in events if name == "queued"] == [2, 1]
+    assert [name for name, _ in events][2:4] == ["started", "progress"] and events[-1][0] == "result"
+    assert (await first).status == (await second).status == 200
