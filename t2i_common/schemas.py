@@ -71,6 +71,20 @@ class _StrictBoolean(fields.Boolean):
         return value
 
 
+class _Loras(fields.String):
+    """A JSON object in a string (Livepeer's format), loaded as ``((lora_id, weight), ...)``."""
+
+    def __init__(self, limits: Limits, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.limits = limits
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> tuple[tuple[str, float], ...]:
+        try:
+            return _parse_loras(super()._deserialize(value, attr, data, **kwargs), self.limits)
+        except ValueError as exc:
+            raise ValidationError(str(exc)) from None
+
+
 def build_request_schema(limits: Limits) -> Schema:
     """A schema instance for ``limits``; ``load`` returns a ``TextToImageRequest``."""
 
@@ -129,8 +143,9 @@ def build_request_schema(limits: Limits) -> Schema:
             validate=validate.Range(min=1, max=limits.max_images),
             metadata={"description": "How many images to generate."},
         )
-        loras = fields.String(
-            load_default="",
+        loras = _Loras(
+            limits,
+            load_default="",  # not deserialized: _to_request turns it into no LoRAs
             metadata={"description": 'LoRA adapters as a JSON object in a string: `{"repo/id": weight}`.'},
         )
 
@@ -147,17 +162,12 @@ def build_request_schema(limits: Limits) -> Schema:
                         f"width x height x num_images_per_prompt is {pixels} pixels, over the limit of "
                         f"{limits.max_pixels}; ask for fewer or smaller images."
                     )
-            if isinstance(data.get("loras"), str):
-                try:
-                    _parse_loras(data["loras"], limits)
-                except ValueError as exc:
-                    errors["loras"] = str(exc)
             if errors:
                 raise ValidationError(errors)
 
         @post_load
         def _to_request(self, data: dict[str, Any], **_: Any) -> TextToImageRequest:
-            return TextToImageRequest(**{**data, "loras": _parse_loras(data["loras"], limits)})
+            return TextToImageRequest(**{**data, "loras": data["loras"] or ()})
 
     return TextToImageSchema()
 
