@@ -43,7 +43,7 @@ class TextToImageRequest:
     height: int = 512
     guidance_scale: float | None = None
     negative_prompt: str = ""
-    safety_check: bool = True
+    safety_check: bool | None = None  # None: check whenever the node has a checker for the model
     seed: int | None = None
     num_inference_steps: int | None = None
     num_images_per_prompt: int = 1
@@ -124,7 +124,13 @@ def build_request_schema(limits: Limits) -> Schema:
             validate=validate.Length(max=limits.max_prompt_length),
             metadata={"description": "What not to draw (ignored when guidance is below 1)."},
         )
-        safety_check = _StrictBoolean(load_default=True, metadata={"description": "Run the safety checker and report `nsfw`."})
+        safety_check = _StrictBoolean(
+            load_default=None,
+            metadata={
+                "description": "Run the safety checker and report `nsfw`. Absent: checked wherever the node has a checker; "
+                "`true` on a node without one is a 400."
+            },
+        )
         seed = fields.Integer(
             strict=True,
             load_default=None,

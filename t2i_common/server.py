@@ -61,25 +61,45 @@ class Drain:
 DRAIN = web.AppKey("drain", Drain)
 
 
+class Stop:
+    """Asks ``serve`` to stop: on a signal (a clean stop) or on a failure the daemon cannot serve through."""
+
+    def __init__(self) -> None:
+        self.requested = asyncio.Event()
+        self.failure: str | None = None
+
+    def fail(self, failure: str) -> None:
+        """Stop serving; the process then exits non-zero with ``failure`` (so systemd and Kubernetes see it)."""
+        self.failure = failure
+        self.requested.set()
+
+
+STOP = web.AppKey("stop", Stop)
+
+
 async def serve(
     app: web.Application, *, host: str, port: int, grace_s: float, ssl_context: ssl.SSLContext | None = None
-) -> None:
-    """Serve until SIGTERM or SIGINT, then drain for up to ``grace_s`` seconds and clean up."""
+) -> str | None:
+    """Serve until SIGTERM or SIGINT, then drain for up to ``grace_s`` seconds and clean up.
+
+    Returns None after a clean stop, or the failure that stopped the daemon (see ``Stop.fail``).
+    """
+    stop = app.setdefault(STOP, Stop())
     # handler_cancellation: a client that goes away cancels its handler, which stops its generation.
     runner = web.AppRunner(app, handler_cancellation=True)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
         logger.info("listening on %s://%s:%d", "https" if ssl_context else "http", host, port)
-        stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+            loop.add_signal_handler(sig, stop.requested.set)
+        await stop.requested.wait()
         logger.info("shutting down")
         await app[DRAIN].drain(grace_s)
     finally:
         await runner.cleanup()
     logger.info("stopped")
+    return stop.failure
 
 

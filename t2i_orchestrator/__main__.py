@@ -30,7 +30,7 @@ def build_app(config: OrchestratorConfig) -> web.Application:
         config.models,
         device=config.device,
         cache_dir=config.cache_dir,
-        lora_dir=config.lora_dir,
+        safety_checker=config.safety_checker,
         max_loaded_models=config.max_loaded_models,
         threads=config.threads,
     )
@@ -45,7 +45,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ConfigError as exc:
         sys.exit(f"t2i-orchestrator: {exc}")
     logger.info("serving %s", ", ".join(m.model_id for m in config.models))
-    asyncio.run(serve(app, host=config.host, port=config.port, grace_s=config.shutdown_grace_s))
+    failure = asyncio.run(serve(app, host=config.host, port=config.port, grace_s=config.shutdown_grace_s))
+    if failure:
+        sys.exit(f"t2i-orchestrator: {failure}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from aiohttp import web
@@ -22,12 +22,13 @@ from t2i_common import __version__
 from t2i_common.errors import APIError, BadRequest, NotFound, Unauthorized, error_middleware
 from t2i_common.logs import prompt_for_log
 from t2i_common.schemas import MAX_SEED, TextToImageRequest, build_request_schema, parse_request
-from t2i_common.server import DRAIN, Drain
+from t2i_common.server import DRAIN, STOP, Drain, Stop
 from t2i_common.sse import EVENT_STREAM, Notify, respond_with_events, wants_events
 
 from .config import OrchestratorConfig
 from .device import DeviceQueue, StopCheck
 from .engine import GeneratedImage, InferenceEngine
+from .loras import LoraFetcher, LoraHub
 from .storage import IMAGE_ID_PATTERN, IMAGE_NAME_PATTERN, ImageStore
 
 logger = logging.getLogger(__name__)
@@ -51,22 +52,36 @@ DEVICE = web.AppKey("device", DeviceQueue)
 STORE = web.AppKey("store", ImageStore)
 READINESS = web.AppKey("readiness", Readiness)
 SCHEMA = web.AppKey("schema", Schema)
+LORAS = web.AppKey("loras", LoraFetcher)
 
 
 def create_app(
-    config: OrchestratorConfig, *, engine: InferenceEngine, metrics_: OrchestratorMetrics | None = None
+    config: OrchestratorConfig,
+    *,
+    engine: InferenceEngine,
+    metrics_: OrchestratorMetrics | None = None,
+    lora_hub: LoraHub | None = None,
 ) -> web.Application:
-    """Build the node's application; ``engine`` is the real ``DiffusersEngine`` or a test fake."""
+    """Build the node's application; ``engine`` is the real ``DiffusersEngine`` or a test fake,
+    ``lora_hub`` the Hugging Face Hub (the default) or a test fake."""
     drain = Drain()
     app = web.Application(middlewares=[_count_requests, error_middleware, drain.middleware, _require_secret(config.secret)])
     app[DRAIN] = drain
+    app[STOP] = Stop()
     app[CONFIG] = config
     app[ENGINE] = engine
     app[METRICS] = metrics_ or OrchestratorMetrics()
     app[STORE] = ImageStore(config.storage_dir, config.image_ttl_s)
     app[READINESS] = Readiness()
     app[SCHEMA] = build_request_schema(config.limits)
-    app.cleanup_ctx.extend([_device_queue, _warm_models, _image_sweeper])
+    app[LORAS] = LoraFetcher(
+        config.lora_dir,
+        hub_policy=config.lora_hub,
+        max_bytes=config.lora_max_bytes,
+        timeout_s=config.lora_fetch_timeout_s,
+        hub=lora_hub,
+    )
+    app.cleanup_ctx.extend([_device_queue, _lora_fetcher, _warm_models, _image_sweeper])
     if config.register:
         app.cleanup_ctx.append(_registration)
     app.router.add_post("/text-to-image", text_to_image)
@@ -89,6 +104,11 @@ async def _device_queue(app: web.Application) -> AsyncIterator[None]:
     await asyncio.to_thread(app[ENGINE].unload_all)
 
 
+async def _lora_fetcher(app: web.Application) -> AsyncIterator[None]:
+    yield
+    app[LORAS].close()
+
+
 async def _warm_models(app: web.Application) -> AsyncIterator[None]:
     """Load warm models in the background, so that /health can say "loading" meanwhile."""
     task = asyncio.create_task(_load_warm_models(app))
@@ -99,17 +119,21 @@ async def _warm_models(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _load_warm_models(app: web.Application) -> None:
+    """The shared safety checker, then each warm model; a node that cannot have them stops (exit 1)."""
     readiness = app[READINESS]
     engine = app[ENGINE]
     try:
+        await app[DEVICE].run(lambda stop: engine.start(), label="start")
         for spec in app[CONFIG].models:
             if spec.warm:
                 # Load and generate once, so that the first real request pays for no lazy set-up.
                 await _run_on_device(app, spec.model_id, lambda stop, m=spec.model_id: engine.generate(WARM_UP_REQUEST, m, 0, stop))
                 logger.info("model %s is warm", spec.model_id)
     except Exception as exc:
-        logger.exception("loading the warm models failed")
-        readiness.status, readiness.error = "error", f"loading the warm models failed: {exc}"
+        message = exc.message if isinstance(exc, APIError) else f"{type(exc).__name__}: {exc}"
+        logger.error("cannot start: %s", message, exc_info=not isinstance(exc, APIError))
+        readiness.status, readiness.error = "error", message
+        app[STOP].fail(message)
         return
     readiness.status = "ready"
     logger.info("ready: %s on %s", ", ".join(engine.loaded_models()) or "no warm models", engine.device)
@@ -172,6 +196,9 @@ async def text_to_image(request: web.Request) -> web.StreamResponse:
     app = request.app
     job = parse_request(await request.read(), request.headers.get("Content-Type"), app[SCHEMA])
     model_id = _resolve_model(app[CONFIG], job.model_id)
+    app[ENGINE].check(job, model_id)  # refused before it waits for, or loads, anything
+    if job.loras:
+        job = replace(job, loras=await app[LORAS].resolve(job.loras))  # local folders, fetched off the device thread
     seed = job.seed if job.seed is not None else secrets.randbelow(MAX_SEED + 1)
     if wants_events(request):
         app[DEVICE].check_admission()  # a full queue is a plain 503, before the stream starts

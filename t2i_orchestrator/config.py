@@ -22,7 +22,7 @@ from t2i_common.config import (
 from t2i_common.schemas import Limits
 
 from .demo_model import DEMO_MODEL_ID
-from .models import ModelSpec, check_unique, load_models_file
+from .models import SAFETY_CHECKER_ID, ModelSpec, check_unique, load_models_file
 
 
 def default_cache_dir() -> Path:
@@ -42,7 +42,20 @@ OPTIONS = (
     *secret_options("secret", "require 'Authorization: Bearer <secret>' on every endpoint but /health and /metrics"),
     Option("threads", "torch CPU threads (default: torch's choice, with passive OpenMP waiting)", type=positive(int)),
     Option("cache-dir", "where the demo model is built (default: $XDG_CACHE_HOME/t2i or ~/.cache/t2i)", type=Path),
-    Option("lora-dir", "folder of LoRA adapters that requests may name (besides Hugging Face repo ids)", type=Path),
+    Option("lora-dir", "folder of LoRA adapters that requests may name by their folder name", type=Path),
+    Option(
+        "lora-hub",
+        "LoRAs by Hugging Face repo id: off, cached (only those already in the cache), on (downloaded on first use), "
+        "or comma-separated repo patterns allowed to download, e.g. 'nerijs/*,ByteDance/*'",
+        default="cached",
+    ),
+    Option("lora-max-mb", "largest LoRA download, in MB", type=positive(float), default=512.0),
+    Option("lora-fetch-timeout", "seconds a request waits for a LoRA download", type=positive(float), default=120.0),
+    Option(
+        "safety-checker",
+        "the safety checker for models without their own: a folder or Hugging Face repo id (loaded at start), or none",
+        default=SAFETY_CHECKER_ID,
+    ),
     Option("advertise-url", "base URL of this node in image URLs (default: the URL the request came to)"),
     Option("register", "registry file to add this node to at start (with heartbeats) and remove it from at shutdown", type=Path),
     Option("heartbeat-interval", "seconds between registry heartbeats", type=positive(float), default=10.0),
@@ -66,6 +79,10 @@ class OrchestratorConfig:
     threads: int | None = None
     cache_dir: Path = field(default_factory=default_cache_dir)
     lora_dir: Path | None = None
+    lora_hub: str = "cached"
+    lora_max_bytes: int = 512 * 2**20
+    lora_fetch_timeout_s: float = 120.0
+    safety_checker: str | None = SAFETY_CHECKER_ID  # None: no shared checker
     advertise_url: str | None = None
     node_id: str = field(default_factory=socket.gethostname)
     register: Path | None = None
@@ -85,6 +102,10 @@ def load_config(argv: Sequence[str] | None = None) -> OrchestratorConfig:
     if not specs:
         specs = [ModelSpec(DEMO_MODEL_ID, warm=True)]
     check_unique(specs, "--models/--model")
+    for spec in specs:
+        for key, path in (("path", spec.path), ("unet_path", spec.unet_path)):
+            if path and not Path(path).exists():
+                raise ConfigError(f"model {spec.model_id}: its {key} {path} does not exist")
     if values["max_queue"] < 0:
         raise ConfigError(f"--max-queue must be 0 or more, got {values['max_queue']}")
     if values["register"] and not values["advertise_url"]:
@@ -103,6 +124,10 @@ def load_config(argv: Sequence[str] | None = None) -> OrchestratorConfig:
         threads=values["threads"],
         cache_dir=cache_dir,
         lora_dir=values["lora_dir"],
+        lora_hub=values["lora_hub"],
+        lora_max_bytes=int(values["lora_max_mb"] * 2**20),
+        lora_fetch_timeout_s=values["lora_fetch_timeout"],
+        safety_checker=None if values["safety_checker"].lower() == "none" else values["safety_checker"],
         advertise_url=values["advertise_url"].rstrip("/") if values["advertise_url"] else None,
         node_id=values["node_id"] or f"{socket.gethostname()}:{values['port']}",
         limits=limits_from(values),

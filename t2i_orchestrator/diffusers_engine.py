@@ -31,18 +31,15 @@ from t2i_common.config import ConfigError
 from t2i_common.errors import BadRequest, InternalError
 from t2i_common.schemas import TextToImageRequest
 
+from . import model_files
 from .demo_model import DEMO_MODEL_ID, ensure_demo_model
-from .engine import GeneratedImage, GenerationCancelled, OutOfMemory
-from .models import ModelProfile, ModelSpec, profile_for
+from .engine import GeneratedImage, GenerationCancelled, ModelUnavailable, OutOfMemory
+from .models import ModelProfile, ModelSpec, dtype_for, profile_for
 
 logger = logging.getLogger(__name__)
 diffusers.utils.logging.disable_progress_bar()
 transformers.utils.logging.disable_progress_bar()
 
-SAFETY_CHECKER_ID = "CompVis/stable-diffusion-safety-checker"
-SAFETY_FEATURE_EXTRACTOR_ID = "openai/clip-vit-base-patch32"
-SDXL_BASE_ID = "stabilityai/stable-diffusion-xl-base-1.0"
-_HUB_REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
 def resolve_device(name: str) -> str:
@@ -77,30 +74,59 @@ class DiffusersEngine:
         *,
         device: str = "auto",
         cache_dir: Path,
-        lora_dir: Path | None = None,
+        safety_checker: str | None = model_files.SAFETY_CHECKER_ID,
         max_loaded_models: int = 2,
         threads: int | None = None,
     ) -> None:
         self.device = resolve_device(device)
         self._specs = {spec.model_id: spec for spec in specs}
         self._cache_dir = cache_dir
-        self._lora_dir = lora_dir.resolve() if lora_dir else None
         self._max_loaded = max_loaded_models
         self._loaded: OrderedDict[str, _LoadedModel] = OrderedDict()  # least recently used first
         self._loaded_ids: tuple[str, ...] = ()
+        self._shared_safety_source = safety_checker
         self._shared_safety: tuple[Any, Any] | None = None
+        # Models that ship their own checker, known from their files before they are loaded.
+        self._own_checker = {spec.model_id for spec in specs if self._ships_safety_checker(spec)}
         if threads:
             torch.set_num_threads(threads)
 
     def loaded_models(self) -> tuple[str, ...]:
         return self._loaded_ids
 
+    def start(self) -> None:
+        """Load the shared safety checker when some model lacks its own, before the node says it is ready."""
+        if self._shared_safety_source is None or self._own_checker >= set(self._specs):
+            return
+        from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+        from transformers import CLIPImageProcessor
+
+        source = self._shared_safety_source
+        try:
+            checker = StableDiffusionSafetyChecker.from_pretrained(source).to(self.device)
+            extractor = CLIPImageProcessor.from_pretrained(source)
+        except (OSError, ValueError) as exc:
+            raise ModelUnavailable(
+                f"The safety checker {source} could not be loaded ({_first_line(exc)}). Get it with: hf download "
+                f"{model_files.SAFETY_CHECKER_ID} (into {model_files.hub_cache()}), or give its folder with --safety-checker, "
+                "or run without one (--safety-checker none)."
+            ) from exc
+        self._shared_safety = (checker, extractor)
+
+    def check(self, request: TextToImageRequest, model_id: str) -> None:
+        profile_for(self._specs[model_id]).check(request, model_id)
+        if request.safety_check and not self._has_safety_checker(model_id):
+            raise BadRequest(
+                f"This node has no safety checker for {model_id} (it runs with --safety-checker none); "
+                "send safety_check=false, or send the request to another node."
+            )
+
     def load(self, model_id: str) -> bool:
         if model_id in self._loaded:
             self._loaded.move_to_end(model_id)
             return False
         spec = self._specs[model_id]
-        profile = profile_for(model_id)
+        profile = profile_for(spec)
         with self._device_errors(f"loading {model_id}"):
             pipe = self._load_pipeline(spec, profile)
         # The checker only flags images here (as Livepeer's runner does): take it out of the pipeline,
@@ -129,18 +155,11 @@ class DiffusersEngine:
     ) -> list[GeneratedImage]:
         if should_stop():
             raise GenerationCancelled()
+        self.check(request, model_id)
         self.load(model_id)
         model = self._loaded[model_id]
         profile = model.profile
-        steps = request.num_inference_steps or profile.default_steps
-        if profile.fixed_steps and steps != profile.fixed_steps:
-            raise BadRequest(
-                f"{model_id} is distilled for exactly {profile.fixed_steps} steps, got num_inference_steps={steps}; "
-                "leave it out or pick the model variant for that many steps."
-            )
-        guidance = profile.fixed_guidance if profile.fixed_guidance is not None else request.guidance_scale
-        if guidance is None:
-            guidance = profile.default_guidance
+        steps = profile.steps_for(request)
         n = request.num_images_per_prompt
 
         def after_step(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
@@ -155,7 +174,7 @@ class DiffusersEngine:
             width=request.width,
             height=request.height,
             num_inference_steps=steps,
-            guidance_scale=guidance,
+            guidance_scale=profile.guidance_for(request),
             num_images_per_prompt=n,
             # One CPU generator per image: image i depends only on seed + i, on any device.
             generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(n)],
@@ -163,22 +182,29 @@ class DiffusersEngine:
         )
         if profile.negative_prompt and request.negative_prompt:
             kwargs["negative_prompt"] = request.negative_prompt
+        check_safety = self._has_safety_checker(model_id) if request.safety_check is None else request.safety_check
         with self._device_errors(f"generating with {model_id}"), self._loras(model.pipe, request.loras):
             images = model.pipe(**kwargs).images
-            nsfw = self._safety_flags(model, images) if request.safety_check else [False] * n
+            nsfw = self._safety_flags(model, images) if check_safety else [False] * n
         return [GeneratedImage(_encode_png(image), seed + i, flag) for i, (image, flag) in enumerate(zip(images, nsfw))]
 
     # -- loading -------------------------------------------------------------------------------
 
     def _load_pipeline(self, spec: ModelSpec, profile: ModelProfile) -> DiffusionPipeline:
-        dtype = self._dtype(spec, profile)
-        if profile.loader == "sdxl-lightning":
-            pipe = _load_sdxl_lightning(profile.default_steps, dtype, self.device)
-        else:
-            source: str | Path = spec.path or spec.model_id
-            if spec.model_id == DEMO_MODEL_ID and not spec.path:
-                source = ensure_demo_model(self._cache_dir)
-            pipe = AutoPipelineForText2Image.from_pretrained(source, dtype=dtype)
+        dtype = getattr(torch, dtype_for(spec, self.device))
+        try:
+            if profile.loader == "sdxl-lightning":
+                pipe = self._load_sdxl_lightning(spec, profile, dtype)
+            else:
+                demo = spec.model_id == DEMO_MODEL_ID and not spec.path
+                files = model_files.locate(spec, self.device, source=ensure_demo_model(self._cache_dir) if demo else None)
+                pipe = AutoPipelineForText2Image.from_pretrained(files.source, dtype=dtype, variant=files.variant)
+        except (OSError, ValueError) as exc:  # diffusers' and huggingface_hub's ways of saying "files missing"
+            where = f"in {spec.path}" if spec.path else f"in the Hugging Face cache {model_files.hub_cache()}"
+            raise ModelUnavailable(
+                f"Model {spec.model_id} could not be loaded from its files {where}: {_first_line(exc)}. "
+                f"Get it with: {model_files.how_to_get(spec, profile.fixed_steps if profile.loader == 'sdxl-lightning' else None)}."
+            ) from exc
         flags = spec.optimization_flags
         if "ATTENTION_SLICING" in flags:
             pipe.enable_attention_slicing()
@@ -191,14 +217,35 @@ class DiffusersEngine:
                     setattr(pipe, name, torch.compile(getattr(pipe, name)))
         return pipe
 
-    def _dtype(self, spec: ModelSpec, profile: ModelProfile) -> torch.dtype:
-        if self.device == "cpu":
-            return torch.float32  # half precision is slow or unsupported on CPUs
-        if spec.dtype:
-            return getattr(torch, spec.dtype)
-        if "BFLOAT16" in spec.optimization_flags or profile.dtype == "bfloat16":
-            return torch.bfloat16
-        return torch.float16
+    def _load_sdxl_lightning(self, spec: ModelSpec, profile: ModelProfile, dtype: torch.dtype) -> DiffusionPipeline:
+        """SDXL base with ByteDance's n-step Lightning UNet and a trailing Euler scheduler.
+
+        The UNet is built on the meta device and takes the file's tensors as they are, so no
+        random full-size UNet is ever made; the base's own UNet weights are never read.
+        """
+        from accelerate import init_empty_weights
+        from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+        from huggingface_hub import hf_hub_download
+        from safetensors.torch import load_file
+
+        base = model_files.locate(spec, self.device, source=spec.path or model_files.SDXL_BASE_ID)
+        unet_file = spec.unet_path or hf_hub_download(
+            model_files.SDXL_LIGHTNING_REPO, f"sdxl_lightning_{profile.fixed_steps}step_unet.safetensors"
+        )
+        with init_empty_weights():
+            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(base.source, subfolder="unet"))
+        unet.load_state_dict(load_file(unet_file), strict=True, assign=True)
+        pipe = StableDiffusionXLPipeline.from_pretrained(base.source, unet=unet.to(dtype), dtype=dtype, variant=base.variant)
+        pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+        return pipe
+
+    def _ships_safety_checker(self, spec: ModelSpec) -> bool:
+        if spec.model_id == DEMO_MODEL_ID and not spec.path:
+            return True  # built with one
+        if profile_for(spec).loader == "sdxl-lightning":
+            return False
+        folder = Path(spec.path) if spec.path else model_files.cached_snapshot(spec.model_id)
+        return folder is not None and model_files.ships_safety_checker(folder)
 
     def _evict(self, keep: str) -> None:
         """Drop least recently used on-demand models beyond the limit; warm models stay."""
@@ -215,7 +262,7 @@ class DiffusersEngine:
 
     @contextmanager
     def _loras(self, pipe: DiffusionPipeline, loras: Sequence[tuple[str, float]]) -> Iterator[None]:
-        """Apply the request's LoRAs for this request only; the next request gets the bare model."""
+        """Apply the request's LoRAs (local folders, found by the node beforehand) for this request only."""
         if not loras:
             yield
             return
@@ -223,12 +270,11 @@ class DiffusersEngine:
             raise BadRequest(f"This model ({type(pipe).__name__}) does not support LoRAs.")
         names: list[str] = []
         try:
-            for index, (lora_id, _) in enumerate(loras):
-                source = self._lora_source(lora_id)
+            for index, (folder, _) in enumerate(loras):
                 try:
-                    pipe.load_lora_weights(source, adapter_name=f"request_{index}", use_safetensors=True)
+                    pipe.load_lora_weights(folder, adapter_name=f"request_{index}", use_safetensors=True)
                 except Exception as exc:  # diffusers raises many kinds here; all mean "cannot load it"
-                    raise BadRequest(f"LoRA {lora_id!r} could not be loaded: {exc}") from exc
+                    raise BadRequest(f"LoRA {Path(folder).name!r} could not be loaded into {type(pipe).__name__}: {exc}") from exc
                 names.append(f"request_{index}")
             pipe.set_adapters(names, adapter_weights=[weight for _, weight in loras])
             yield
@@ -236,39 +282,17 @@ class DiffusersEngine:
             if names:
                 pipe.unload_lora_weights()
 
-    def _lora_source(self, lora_id: str) -> str:
-        """A name in the node's LoRA folder, else a Hugging Face repo id (never a client-chosen path)."""
-        if self._lora_dir is not None:
-            candidate = (self._lora_dir / lora_id).resolve()
-            if candidate.is_relative_to(self._lora_dir) and candidate.is_dir():
-                return str(candidate)
-        if _HUB_REPO_ID.fullmatch(lora_id) and ".." not in lora_id:
-            return lora_id
-        raise BadRequest(f"LoRA {lora_id!r} could not be loaded: it is not in this node's LoRA folder nor a Hugging Face repo id.")
+    def _has_safety_checker(self, model_id: str) -> bool:
+        return model_id in self._own_checker or self._shared_safety_source is not None
 
     def _safety_flags(self, model: _LoadedModel, images: list[Any]) -> list[bool]:
-        checker, extractor = model.safety or self._shared_safety_checker()
+        checker, extractor = model.safety or self._shared_safety or (None, None)
+        if checker is None:  # start() loads the shared one before the node is ready; check() refuses without one
+            raise InternalError("The safety checker is not loaded on this node.")
         clip_input = extractor(images, return_tensors="pt").pixel_values.to(self.device, checker.dtype)
         # The checker blacks out flagged arrays in place; it gets copies, we only keep the flags.
         _, flags = checker(clip_input=clip_input, images=[np.array(image) for image in images])
         return [bool(flag) for flag in flags]
-
-    def _shared_safety_checker(self) -> tuple[Any, Any]:
-        """CompVis's checker, for models that do not ship one; loaded on first use."""
-        if self._shared_safety is None:
-            from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-            from transformers import CLIPImageProcessor
-
-            try:
-                checker = StableDiffusionSafetyChecker.from_pretrained(SAFETY_CHECKER_ID).to(self.device)
-                extractor = CLIPImageProcessor.from_pretrained(SAFETY_FEATURE_EXTRACTOR_ID)
-            except OSError as exc:
-                raise InternalError(
-                    f"The safety checker {SAFETY_CHECKER_ID} could not be loaded on this node ({exc}); "
-                    "send safety_check=false to skip it."
-                ) from exc
-            self._shared_safety = (checker, extractor)
-        return self._shared_safety
 
     @contextmanager
     def _device_errors(self, doing: str) -> Iterator[None]:
@@ -288,21 +312,11 @@ class DiffusersEngine:
             torch.cuda.empty_cache()
 
 
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 def _encode_png(image: Any) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def _load_sdxl_lightning(steps: int, dtype: torch.dtype, device: str) -> DiffusionPipeline:
-    """SDXL base with ByteDance's n-step Lightning UNet and a trailing Euler scheduler."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from huggingface_hub import hf_hub_download
-    from safetensors.torch import load_file
-
-    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SDXL_BASE_ID, subfolder="unet"))
-    weights = hf_hub_download("ByteDance/SDXL-Lightning", f"sdxl_lightning_{steps}step_unet.safetensors")
-    unet.load_state_dict(load_file(weights, device=device))
-    pipe = StableDiffusionXLPipeline.from_pretrained(SDXL_BASE_ID, unet=unet.to(dtype), dtype=dtype)
-    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
-    return pipe

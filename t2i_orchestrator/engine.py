@@ -28,17 +28,30 @@ class OutOfMemory(InternalError):
     """The device ran out of memory; its cache was freed and the node keeps serving."""
 
 
+class ModelUnavailable(InternalError):
+    """A model's files (or the safety checker's) cannot be found or read; the message says how to get them."""
+
+
 class InferenceEngine(Protocol):
     """Loads models and generates images.
 
-    Threading contract: ``load``, ``unload_all`` and ``generate`` block and are only ever called from
-    the node's one device thread, one call at a time, so an implementation needs no locks.
-    ``device`` and ``loaded_models`` are read from the event loop and must be cheap snapshots.
+    Threading contract: ``start``, ``load``, ``unload_all`` and ``generate`` block and are only ever
+    called from the node's one device thread, one call at a time, so an implementation needs no locks.
+    ``device``, ``loaded_models`` and ``check`` are called on the event loop and must be cheap.
     """
 
     device: str
 
     def loaded_models(self) -> tuple[str, ...]: ...
+
+    def start(self) -> None:
+        """Load what any request may need (the shared safety checker), once, before the warm models."""
+        ...
+
+    def check(self, request: TextToImageRequest, model_id: str) -> None:
+        """Raise a ``BadRequest`` for what the model cannot do (a family's step count, a safety check
+        without a checker), so that the request is refused before it waits or loads anything."""
+        ...
 
     def load(self, model_id: str) -> bool:
         """Make ``model_id`` ready (a no-op when it is loaded); True if it was loaded by this call."""

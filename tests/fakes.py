@@ -10,6 +10,7 @@ from collections.abc import Callable
 from aiohttp import web
 from PIL import Image
 
+from t2i_common.errors import BadRequest
 from t2i_common.schemas import TextToImageRequest
 from t2i_common.sse import encode
 from t2i_orchestrator.engine import GeneratedImage, GenerationCancelled
@@ -32,12 +33,25 @@ class FakeEngine:
         self.gate.set()
         self.started = threading.Event()
         self.stopped = threading.Event()  # set when a generation noticed should_stop
+        self.start_error: Exception | None = None  # raised by start()
+        self.load_errors: dict[str, Exception] = {}  # model id -> what loading it raises
+        self.refuse: dict[str, str] = {}  # model id -> the 400 message check() gives
         self._loaded: tuple[str, ...] = ()
 
     def loaded_models(self) -> tuple[str, ...]:
         return self._loaded
 
+    def start(self) -> None:
+        if self.start_error:
+            raise self.start_error
+
+    def check(self, request: TextToImageRequest, model_id: str) -> None:
+        if model_id in self.refuse:
+            raise BadRequest(self.refuse[model_id])
+
     def load(self, model_id: str) -> bool:
+        if model_id in self.load_errors:
+            raise self.load_errors[model_id]
         if model_id in self._loaded:
             return False
         self.loads.append(model_id)

@@ -12,7 +12,7 @@ import pytest
 from t2i_common.config import ConfigError
 from t2i_orchestrator.config import load_config
 from t2i_orchestrator.demo_model import DEMO_MODEL_ID
-from t2i_orchestrator.models import ModelSpec, load_models_file, profile_for
+from t2i_orchestrator.models import ModelProfile, ModelSpec, dtype_for, load_models_file, profile_for
 from t2i_orchestrator.storage import ImageStore
 
 
@@ -95,15 +95,96 @@ def test_bad_models_files_are_clear_errors(tmp_path: Path, content: str, message
         load_models_file(models)
 
 
+def profile(model_id: str, **keys: object) -> ModelProfile:
+    return profile_for(ModelSpec(model_id, **keys))  # type: ignore[arg-type]
+
+
 def test_model_profiles_follow_livepeer_runner_rules() -> None:
-    assert profile_for("stabilityai/sdxl-turbo").fixed_guidance == 0.0
-    assert profile_for("ByteDance/SDXL-Lightning-4step").fixed_steps == 4
-    assert profile_for("ByteDance/SDXL-Lightning").fixed_steps == 8
-    assert profile_for("ByteDance/SDXL-Lightning").loader == "sdxl-lightning"
-    flux = profile_for("black-forest-labs/FLUX.1-schnell")
+    assert profile("stabilityai/sdxl-turbo").fixed_guidance == 0.0
+    assert profile("ByteDance/SDXL-Lightning-4step").fixed_steps == 4
+    assert profile("ByteDance/SDXL-Lightning").fixed_steps == 8
+    assert profile("ByteDance/SDXL-Lightning").loader == "sdxl-lightning"
+    flux = profile("black-forest-labs/FLUX.1-schnell")
     assert flux.dtype == "bfloat16" and not flux.negative_prompt
-    assert profile_for(DEMO_MODEL_ID).default_guidance == 0.0
-    assert profile_for("runwayml/stable-diffusion-v1-5").default_steps == 25
+    assert profile(DEMO_MODEL_ID).default_guidance == 0.0
+    assert profile("runwayml/stable-diffusion-v1-5").default_steps == 25
+
+
+def test_a_fine_tune_under_another_name_says_whose_rules_apply() -> None:
+    assert profile("me/my-turbo").fixed_guidance is None
+    assert profile("me/my-turbo", family="turbo").fixed_guidance == 0.0
+    assert profile("me/my-lightning-unet", family="sdxl-lightning-2step").loader == "sdxl-lightning"
+    tuned = profile("me/photoreal", default_steps=12, default_guidance=4.0)
+    assert (tuned.default_steps, tuned.default_guidance) == (12, 4.0)
+    assert profile("black-forest-labs/FLUX.1-dev", default_steps=20).default_steps == 20
+
+
+@pytest.mark.parametrize(
+    ("family", "device", "dtype"),
+    [
+        (None, "cuda", "float16"),  # SD 1.x/2.x, SDXL, turbo, Lightning
+        ("turbo", "cuda:1", "float16"),
+        ("sdxl-lightning-4step", "cuda", "float16"),
+        ("flux-schnell", "cuda", "bfloat16"),
+        ("flux-dev", "cuda", "bfloat16"),
+        ("flux-dev", "cpu", "float32"),  # half precision on a CPU is slow or unsupported: always float32
+        (None, "cpu", "float32"),
+    ],
+)
+def test_the_dtype_each_family_gets(family: str | None, device: str, dtype: str) -> None:
+    assert dtype_for(ModelSpec("some/model", family=family), device) == dtype
+
+
+def test_the_models_file_can_force_a_dtype_or_bfloat16() -> None:
+    assert dtype_for(ModelSpec("a/b", dtype="float32"), "cuda") == "float32"
+    assert dtype_for(ModelSpec("a/b", optimization_flags=frozenset({"BFLOAT16"})), "cuda") == "bfloat16"
+
+
+def test_models_file_keys_for_operators_own_files(tmp_path: Path) -> None:
+    base, unet = tmp_path / "sdxl-base", tmp_path / "sdxl_lightning_4step_unet.safetensors"
+    base.mkdir()
+    unet.write_bytes(b"")
+    models = tmp_path / "models.json"
+    models.write_text(json.dumps([
+        {"pipeline": "text-to-image", "model_id": "ByteDance/SDXL-Lightning-4step", "path": str(base), "unet_path": str(unet)},
+        {"pipeline": "text-to-image", "model_id": "me/turbo-tune", "family": "turbo", "variant": "fp16"},
+        {"pipeline": "text-to-image", "model_id": "me/slow", "default_steps": 40, "default_guidance": 6},
+    ]))
+    lightning, turbo, slow = load_config(["--models", str(models)]).models
+    assert (lightning.path, lightning.unet_path) == (str(base), str(unet))
+    assert (turbo.family, turbo.variant) == ("turbo", "fp16")
+    assert (slow.default_steps, slow.default_guidance) == (40, 6.0)
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"family": "sdxl"}, "family"),
+        ({"model_id": "ByteDance/SDXL-Lightning-4step", "default_steps": 8}, "exactly 4 steps"),
+        ({"unet_path": "/x.safetensors"}, "Only SDXL-Lightning"),
+        ({"variant": "fp16 ; rm"}, "variant"),
+        ({"default_steps": 0}, "default_steps"),
+    ],
+)
+def test_bad_model_keys_are_clear_errors(tmp_path: Path, entry: dict, message: str) -> None:
+    models = tmp_path / "models.json"
+    models.write_text(json.dumps([{"pipeline": "text-to-image", "model_id": "a/b", **entry}]))
+    with pytest.raises(ConfigError, match=message):
+        load_models_file(models)
+
+
+def test_a_model_folder_that_does_not_exist_stops_the_node_at_start(tmp_path: Path) -> None:
+    models = tmp_path / "models.json"
+    models.write_text(json.dumps([{"pipeline": "text-to-image", "model_id": "a/b", "path": str(tmp_path / "missing")}]))
+    with pytest.raises(ConfigError, match=r"model a/b: its path .*missing does not exist"):
+        load_config(["--models", str(models)])
+
+
+def test_safety_checker_and_lora_settings() -> None:
+    config = load_config([])
+    assert config.safety_checker == "CompVis/stable-diffusion-safety-checker" and config.lora_hub == "cached"
+    config = load_config(["--safety-checker", "none", "--lora-hub", "nerijs/*", "--lora-max-mb", "8"])
+    assert config.safety_checker is None and config.lora_hub == "nerijs/*" and config.lora_max_bytes == 8 * 2**20
 
 
 async def test_sweeper_removes_only_expired_image_folders(tmp_path: Path) -> None:

@@ -1,0 +1,141 @@
+"""Finding the LoRAs a request names, before it is queued: never on the device thread.
+
+A LoRA is a name in the node's ``--lora-dir`` or a Hugging Face repository id. Which repositories
+a node may use is the operator's choice (``--lora-hub``): ``off``; ``cached`` (the default: those
+already in the Hugging Face cache, never a download); ``on`` (any, downloaded on first use); or a
+comma-separated list of repository patterns such as ``nerijs/*,ByteDance/Hyper-SD``, downloaded on
+first use. A download happens in its own threads while other requests keep generating; concurrent
+requests for one repository share one download, and what was downloaded stays in the cache. A
+repository over ``--lora-max-mb`` or slower than ``--lora-fetch-timeout`` is a 400 that says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import re
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Protocol
+
+from t2i_common.errors import BadRequest
+
+_REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
+_WEIGHTS = ("*.safetensors", "*.json")  # LoRAs are loaded from safetensors only, never from pickles
+
+
+class LoraHub(Protocol):
+    """The Hugging Face Hub as this module needs it; blocking calls, run off the event loop."""
+
+    def cached(self, repo_id: str) -> Path | None: ...
+
+    def size(self, repo_id: str) -> int:
+        """Bytes of the repository's weight files; raises ``LookupError`` when there is no such repository."""
+        ...
+
+    def download(self, repo_id: str) -> Path: ...
+
+
+class HuggingFaceHub:
+    """The real hub, through ``huggingface_hub``; what it downloads lands in the usual cache."""
+
+    def cached(self, repo_id: str) -> Path | None:
+        from .model_files import cached_snapshot
+
+        folder = cached_snapshot(repo_id)
+        return folder if folder and any(folder.glob("*.safetensors")) else None
+
+    def size(self, repo_id: str) -> int:
+        from huggingface_hub import HfApi
+        from huggingface_hub.errors import RepositoryNotFoundError
+
+        try:
+            info = HfApi().model_info(repo_id, files_metadata=True)
+        except RepositoryNotFoundError as exc:
+            raise LookupError(repo_id) from exc
+        return sum(f.size or 0 for f in info.siblings or () if fnmatch.fnmatch(f.rfilename, "*.safetensors"))
+
+    def download(self, repo_id: str) -> Path:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=list(_WEIGHTS)))
+
+
+class LoraFetcher:
+    def __init__(
+        self,
+        lora_dir: Path | None,
+        *,
+        hub_policy: str = "cached",
+        max_bytes: int = 512 * 2**20,
+        timeout_s: float = 120.0,
+        hub: LoraHub | None = None,
+    ) -> None:
+        self._lora_dir = lora_dir.resolve() if lora_dir else None
+        self._policy = hub_policy
+        self._patterns = [] if hub_policy in ("off", "cached", "on") else [p.strip() for p in hub_policy.split(",") if p.strip()]
+        self._max_bytes = max_bytes
+        self._timeout_s = timeout_s
+        self._hub = hub or HuggingFaceHub()
+        self._fetching: dict[str, asyncio.Future[Path]] = {}
+        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="t2i-lora-fetch")
+
+    async def resolve(self, loras: Sequence[tuple[str, float]]) -> tuple[tuple[str, float], ...]:
+        """The request's LoRAs as local folders (a 400 naming the LoRA for any that cannot be had)."""
+        return tuple([(str(await self._folder(lora_id)), weight) for lora_id, weight in loras])
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _folder(self, lora_id: str) -> Path:
+        if self._lora_dir is not None:
+            candidate = (self._lora_dir / lora_id).resolve()
+            if candidate.is_relative_to(self._lora_dir) and candidate != self._lora_dir and candidate.is_dir():
+                return candidate
+        if not _REPO_ID.fullmatch(lora_id) or ".." in lora_id:
+            raise BadRequest(f"LoRA {lora_id!r} could not be loaded: it is not in this node's LoRA folder nor a Hugging Face repo id.")
+        if self._policy == "off":
+            raise BadRequest(f"LoRA {lora_id!r} could not be loaded: this node takes LoRAs from its own folder only (--lora-hub off).")
+        if self._patterns and not any(fnmatch.fnmatchcase(lora_id, pattern) for pattern in self._patterns):
+            raise BadRequest(f"LoRA {lora_id!r} could not be loaded: this node allows only Hugging Face LoRAs matching {', '.join(self._patterns)}.")
+        loop = asyncio.get_running_loop()
+        cached = await loop.run_in_executor(self._executor, self._hub.cached, lora_id)
+        if cached:
+            return cached
+        if self._policy == "cached":
+            raise BadRequest(
+                f"LoRA {lora_id!r} could not be loaded: it is not in this node's Hugging Face cache, "
+                "and this node does not download LoRAs (--lora-hub cached)."
+            )
+        fetch = self._fetching.get(lora_id)
+        if fetch is None:  # the first request for it starts the one download; the others wait on it
+            fetch = self._fetching[lora_id] = asyncio.ensure_future(self._download(lora_id))
+            fetch.add_done_callback(lambda _: self._fetching.pop(lora_id, None))
+        try:
+            return await asyncio.wait_for(asyncio.shield(fetch), self._timeout_s)
+        except TimeoutError:
+            raise BadRequest(
+                f"LoRA {lora_id!r} could not be loaded: downloading it took longer than {self._timeout_s:g} s "
+                "(it goes on in the background; retry later)."
+            ) from None
+
+    async def _download(self, lora_id: str) -> Path:
+        loop = asyncio.get_running_loop()
+        try:
+            size = await loop.run_in_executor(self._executor, self._hub.size, lora_id)
+        except LookupError:
+            raise BadRequest(f"LoRA {lora_id!r} could not be loaded: there is no such repository on the Hugging Face Hub.") from None
+        except OSError as exc:
+            raise BadRequest(f"LoRA {lora_id!r} could not be loaded: the Hugging Face Hub cannot be reached ({exc}).") from None
+        if size > self._max_bytes:
+            raise BadRequest(
+                f"LoRA {lora_id!r} could not be loaded: its weights are {size / 2**20:.0f} MB, over this node's limit of "
+                f"{self._max_bytes / 2**20:.0f} MB (--lora-max-mb)."
+            )
+        if size == 0:
+            raise BadRequest(f"LoRA {lora_id!r} could not be loaded: the repository holds no .safetensors weights.")
+        try:
+            return await loop.run_in_executor(self._executor, self._hub.download, lora_id)
+        except OSError as exc:
+            raise BadRequest(f"LoRA {lora_id!r} could not be loaded: downloading it failed ({exc}).") from None
