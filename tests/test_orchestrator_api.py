@@ -187,6 +187,66 @@ async def test_health_is_503_until_the_warm_models_are_loaded(aiohttp_client: An
     await wait_ready(client)
 
 
+async def test_a_warm_model_that_cannot_load_stops_the_node(aiohttp_client: Any, tmp_path: Path) -> None:
+    from t2i_common.server import STOP
+    from t2i_orchestrator.engine import ModelUnavailable
+
+    engine = FakeEngine()
+    engine.load_errors["warm/model"] = ModelUnavailable("Model warm/model could not be loaded. Get it with: hf download warm/model.")
+    config = OrchestratorConfig(models=(ModelSpec("warm/model", warm=True),), storage_dir=tmp_path)
+    app = create_app(config, engine=engine, metrics_=OrchestratorMetrics(CollectorRegistry()))
+    client = await aiohttp_client(app)
+    await asyncio.wait_for(app[STOP].requested.wait(), 5)
+    assert app[STOP].failure == "Model warm/model could not be loaded. Get it with: hf download warm/model."
+    response = await client.get("/health")
+    assert response.status == 503 and (await response.json())["detail"]["msg"] == app[STOP].failure
+
+
+async def test_a_safety_checker_that_cannot_load_stops_the_node_before_any_model(aiohttp_client: Any, tmp_path: Path) -> None:
+    from t2i_common.server import STOP
+    from t2i_orchestrator.engine import ModelUnavailable
+
+    engine = FakeEngine()
+    engine.start_error = ModelUnavailable("The safety checker could not be loaded.")
+    config = OrchestratorConfig(models=(ModelSpec("warm/model", warm=True),), storage_dir=tmp_path)
+    app = create_app(config, engine=engine, metrics_=OrchestratorMetrics(CollectorRegistry()))
+    await aiohttp_client(app)
+    await asyncio.wait_for(app[STOP].requested.wait(), 5)
+    assert app[STOP].failure == "The safety checker could not be loaded." and engine.loads == []
+
+
+async def test_what_a_model_cannot_do_is_refused_before_queueing_or_loading(make_client: MakeClient, engine: FakeEngine) -> None:
+    engine.refuse["cold/model"] = "cold/model is distilled for exactly 4 steps."
+    client = await make_client()
+    engine.started.clear()
+    engine.gate.clear()  # the device is busy: a refusal must not wait for it
+    busy = asyncio.create_task(client.post("/text-to-image", json={"prompt": "a", "width": 64, "height": 64}))
+    await asyncio.to_thread(engine.started.wait, 5)
+    response = await client.post("/text-to-image", json={"prompt": "a", "model_id": "cold/model", "num_inference_steps": 8})
+    assert response.status == 400 and (await response.json())["detail"]["msg"] == "cold/model is distilled for exactly 4 steps."
+    assert "cold/model" not in engine.loads
+    engine.gate.set()
+    assert (await busy).status == 200
+
+
+async def test_loras_reach_the_engine_as_local_folders(make_client: MakeClient, engine: FakeEngine, tmp_path: Path) -> None:
+    (tmp_path / "loras" / "style").mkdir(parents=True)
+    seen: list[Any] = []
+    real_generate = engine.generate
+
+    def recording(request: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append(request.loras)
+        return real_generate(request, *args, **kwargs)
+
+    engine.generate = recording  # type: ignore[method-assign]
+    client = await make_client(lora_dir=tmp_path / "loras")
+    body = {"prompt": "a", "width": 64, "height": 64, "loras": json.dumps({"style": 0.5})}
+    assert (await client.post("/text-to-image", json=body)).status == 200
+    assert seen[-1] == ((str((tmp_path / "loras" / "style").resolve()), 0.5),)
+    response = await client.post("/text-to-image", json={**body, "loras": json.dumps({"../loras": 1})})
+    assert response.status == 400 and "'../loras' could not be loaded" in (await response.json())["detail"]["msg"]
+
+
 async def test_secret_is_required_except_on_health_and_metrics(make_client: MakeClient) -> None:
     client = await make_client(secret="s3cret")
     body = {"prompt": "a", "width": 64, "height": 64}

@@ -214,3 +214,29 @@ def test_secrets_come_from_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     (tmp_path / "empty").write_text("")
     with pytest.raises(ConfigError, match="empty"):
         load_config(["--secret-file", str(tmp_path / "empty")])
+
+
+def weights(folder: Path, *names: str) -> Path:
+    for name in names:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(b"")
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("files", "device", "variant"),
+    [
+        (["unet/diffusion_pytorch_model.fp16.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors"], "cpu", "fp16"),
+        (["unet/diffusion_pytorch_model.fp16.safetensors", "unet/diffusion_pytorch_model.safetensors"], "cpu", None),
+        (["unet/diffusion_pytorch_model.fp16.safetensors", "unet/diffusion_pytorch_model.safetensors"], "cuda", "fp16"),
+        (["unet/diffusion_pytorch_model.fp16-00001-of-00002.safetensors"], "cpu", "fp16"),
+        (["unet/diffusion_pytorch_model-00001-of-00002.safetensors"], "cuda", None),
+        (["transformer/diffusion_pytorch_model.safetensors"], "cuda", None),
+    ],
+)
+def test_half_precision_files_are_found_without_configuration(tmp_path: Path, files: list[str], device: str, variant: str | None) -> None:
+    from t2i_orchestrator.model_files import locate
+
+    folder = weights(tmp_path / "model", *files)
+    assert locate(ModelSpec("a/b", path=str(folder)), device).variant == variant
+    assert locate(ModelSpec("a/b", path=str(folder), variant="bf16"), device).variant == "bf16"  # the models file decides

@@ -88,7 +88,7 @@ def test_family_loads_by_repo_id(hub: Path, repo_id: str) -> None:
     from diffusers import AutoPipelineForText2Image
 
     pipeline_class, scheduler_class, call = FAMILIES[repo_id]
-    pipe = AutoPipelineForText2Image.from_pretrained(repo_id, torch_dtype=torch.float32, cache_dir=hub)
+    pipe = AutoPipelineForText2Image.from_pretrained(repo_id, dtype=torch.float32, cache_dir=hub)
     assert type(pipe).__name__ == pipeline_class
     assert type(pipe.scheduler).__name__ == scheduler_class
     assert _generate(pipe, call).size == (64, 64)
@@ -116,7 +116,7 @@ def test_fp16_only_cache_loads_variant_in_float32(hub_fp16: Path, repo_id: str) 
     snapshot = tiny_models.snapshot_dir(hub_fp16, repo_id)
     weights = [p.name for p in snapshot.rglob("*.safetensors")]
     assert weights and all(name.endswith(".fp16.safetensors") for name in weights)
-    pipe = AutoPipelineForText2Image.from_pretrained(repo_id, variant="fp16", torch_dtype=torch.float32, cache_dir=hub_fp16)
+    pipe = AutoPipelineForText2Image.from_pretrained(repo_id, variant="fp16", dtype=torch.float32, cache_dir=hub_fp16)
     assert pipe.unet.dtype == torch.float32
     assert _generate(pipe, FAMILIES[repo_id][2]).size == (64, 64)
 
