@@ -95,6 +95,7 @@ class Case:
     name: str
     spec: ModelSpec
     request: TextToImageRequest
+    check_oom: bool = False  # the out-of-memory check runs on the larger model only
 
 
 class Report:
@@ -226,7 +227,7 @@ def _timed(call: Callable[[], Any], sync: Callable[[], None]) -> float:
     return time.perf_counter() - started
 
 
-def _alternating(calls: dict[str, Callable[[], Any]], repeats: int, sync: Callable[[], None]) -> dict[str, float]:
+def _medians(calls: dict[str, Callable[[], Any]], repeats: int, sync: Callable[[], None]) -> dict[str, float]:
     """Median seconds of each call, taking turns, so that clock or thermal drift hits all of them alike."""
     times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(repeats):
@@ -270,59 +271,62 @@ def _check_oom(engine: Any, case: Case, device: str) -> tuple[str, str]:
 
 
 def run_case(case: Case, report: Report, args: argparse.Namespace, cache: Path, sync: Callable[[], None]) -> dict[str, Any]:
-    """All rows for one model; returns its ratios for the summary."""
+    """All rows for one model; returns its ratios (and the OOM verdict) for the summary."""
+    import torch
+
     from t2i_orchestrator.diffusers_engine import DiffusersEngine, _encode_png
 
     name, spec, request, device = case.name, case.spec, case.request, args.device
-    size = f"{request.width}x{request.height} {request.num_inference_steps} step{'s' * (request.num_inference_steps > 1)}"
-    generate = lambda engine, req=request: engine.generate(req, spec.model_id, SEED, lambda: False)  # noqa: E731
+    steps = request.num_inference_steps
+    size = f"{request.width}x{request.height}, {steps} step{'s' if steps > 1 else ''}"
+    timed_note = f"median of {args.repeats}; {size}"
+
+    def generate(engine: Any, images: int = 1) -> Any:
+        return engine.generate(replace(request, num_images_per_prompt=images), spec.model_id, SEED, lambda: False)
+
     engine = DiffusersEngine([spec], device=device, cache_dir=cache, safety_checker=None)
     report.row(name, "load (engine.load)", f"{_timed(lambda: engine.load(spec.model_id), sync):.2f} s", dtype_for(spec, device))
     report.row(name, "warm-up (first engine.generate)", f"{_timed(lambda: generate(engine), sync):.2f} s", size)
 
-    import torch
-
-    pipe = engine._loaded[spec.model_id].pipe  # the very pipeline the engine drives
+    pipe = engine._loaded[spec.model_id].pipe  # the very pipeline object the engine drives
     guidance = profile_for(spec).guidance_for(request)
 
-    def raw(images: int = 1) -> Any:
-        generator = torch.Generator("cpu").manual_seed(SEED)  # as the engine's: same noise, same device
-        return pipe(PROMPT, width=request.width, height=request.height, num_inference_steps=request.num_inference_steps,
-                    guidance_scale=guidance, num_images_per_prompt=images, generator=generator).images
+    def raw() -> Any:
+        generator = torch.Generator("cpu").manual_seed(SEED)  # the engine's kind: the same noise on any device
+        return pipe(PROMPT, width=request.width, height=request.height, num_inference_steps=steps,
+                    guidance_scale=guidance, generator=generator).images
 
-    image = raw()[0]
-    medians = _alternating({"engine": lambda: generate(engine), "raw": raw}, args.repeats, sync)
-    ratio = medians["engine"] / medians["raw"]
-    note = f"median of {args.repeats}, {size}"
-    report.row(name, "raw pipeline call", f"{medians['raw'] * 1000:.1f} ms", note)
-    report.row(name, "engine.generate (incl. PNG encoding)", f"{medians['engine'] * 1000:.1f} ms", note)
-    report.row(name, "engine/raw", f"{ratio:.3f}x", "goal: at most 1.05x")
-    png = statistics.median(_timed(lambda: _encode_png(image), lambda: None) for _ in range(args.repeats))
-    report.row(name, "PNG encoding of one image (inside engine)", f"{png * 1000:.1f} ms", "of this run's random-weight image")
+    image = raw()[0]  # also the raw call's warm-up
+    medians = _medians({"engine": lambda: generate(engine), "raw": raw}, args.repeats, sync)
+    results: dict[str, Any] = {"engine/raw": medians["engine"] / medians["raw"], "compiled/raw": None, "oom": None}
+    report.row(name, "raw pipeline call", f"{medians['raw'] * 1000:.1f} ms", timed_note)
+    report.row(name, "engine.generate (incl. PNG encoding)", f"{medians['engine'] * 1000:.1f} ms", timed_note)
+    report.row(name, "engine/raw", f"{results['engine/raw']:.3f}x", "goal: at most 1.05x")
+    png = _medians({"png": lambda: _encode_png(image)}, args.repeats, lambda: None)["png"]
+    report.row(name, "PNG encoding of one image (inside engine)", f"{png * 1000:.1f} ms", "this run's random-weight image")
 
-    four = replace(request, num_images_per_prompt=4)
-    generate(engine, four)  # warm-up at batch 4
-    seconds_four = _alternating({"four": lambda: generate(engine, four)}, args.repeats, sync)["four"]
+    generate(engine, 4)  # warm-up at the larger batch
+    four = _medians({"four": lambda: generate(engine, 4)}, args.repeats, sync)["four"]
     report.row(name, "images/s, 1 image per call", f"{1 / medians['engine']:.2f}", "engine.generate")
-    report.row(name, "images/s, num_images_per_prompt=4", f"{4 / seconds_four:.2f}", "one pipeline call; separate requests are not batched")
+    report.row(name, "images/s, num_images_per_prompt=4", f"{4 / four:.2f}", "one pipeline call; the node does not batch requests")
 
-    results: dict[str, Any] = {"engine/raw": ratio, "compiled/raw": None, "oom": None}
-    if device.startswith("cuda"):
-        results["oom"] = _check_oom(engine, case, device) if case.name == "sdxl-lightning" else None
-        if results["oom"]:
-            report.row(name, "out-of-memory, then recovery", *results["oom"])
+    if case.check_oom:
+        results["oom"] = _check_oom(engine, case, device) if device.startswith("cuda") else ("skipped (CUDA only)", "")
+        report.row(name, "out-of-memory, then recovery", *results["oom"])
     del pipe
     _free(engine)
     if args.skip_compile or not device.startswith("cuda"):
-        report.row(name, "torch.compile", "skipped", "--skip-compile" if args.skip_compile else "CUDA only")
+        report.row(name, "TORCH_COMPILE", "skipped", "--skip-compile" if args.skip_compile else "CUDA only")
         return results
-    compiled = DiffusersEngine([replace(spec, optimization_flags=frozenset({"TORCH_COMPILE"}))], device=device, cache_dir=cache, safety_checker=None)
+
+    spec = replace(spec, optimization_flags=frozenset({"TORCH_COMPILE"}))
+    compiled = DiffusersEngine([spec], device=device, cache_dir=cache, safety_checker=None)
     compiled.load(spec.model_id)
     report.row(name, "TORCH_COMPILE: compile + warm-up (first generate)", f"{_timed(lambda: generate(compiled), sync):.1f} s", size)
     generate(compiled)  # a second call, in case the first left anything to recompile
-    seconds = _alternating({"compiled": lambda: generate(compiled)}, args.repeats, sync)["compiled"]
+    seconds = _medians({"compiled": lambda: generate(compiled)}, args.repeats, sync)["compiled"]
     results["compiled/raw"] = seconds / medians["raw"]
-    report.row(name, "TORCH_COMPILE: engine.generate", f"{seconds * 1000:.1f} ms", note)
+    report.row(name, "TORCH_COMPILE: engine.generate", f"{seconds * 1000:.1f} ms", timed_note)
     report.row(name, "TORCH_COMPILE: compiled/raw", f"{results['compiled/raw']:.3f}x", "against the raw uncompiled call")
     _free(compiled)
     return results
@@ -391,17 +395,14 @@ def main(argv: list[str] | None = None) -> int:
         seconds = _timed(lambda: build_sdxl_lightning(folder / "sdxl-base", unet_file, sizes, args.device, build_dtype), sync)
         report.row("sdxl-lightning", "build + save (random weights; not node work)", f"{seconds:.1f} s")
         spec = ModelSpec("ByteDance/SDXL-Lightning-4step", path=str(folder / "sdxl-base"), unet_path=str(unet_file))
-        lightning = Case("sdxl-lightning", spec,
-                         TextToImageRequest(PROMPT, width=side or 1024, height=side or 1024, num_inference_steps=4, safety_check=False))
-        results["sdxl-lightning"] = run_case(lightning, report, args, folder, sync)
+        request = TextToImageRequest(PROMPT, width=side or 1024, height=side or 1024, num_inference_steps=4, safety_check=False)
+        results["sdxl-lightning"] = run_case(Case("sdxl-lightning", spec, request, check_oom=True), report, args, folder, sync)
 
-    if not cuda:
-        report.row("sdxl-lightning", "out-of-memory, then recovery", "skipped (CUDA only)")
     summary = [f"{name} engine/raw {r['engine/raw']:.2f}x" for name, r in results.items()]
     compiled = [f"{name} compiled/raw {r['compiled/raw']:.2f}x" for name, r in results.items() if r["compiled/raw"]]
     summary += compiled or [f"compiled/raw skipped ({'--skip-compile' if args.skip_compile and cuda else 'CUDA only'})"]
     oom = results["sdxl-lightning"]["oom"]
-    summary.append(f"oom-recovery {oom[0] if oom else 'skipped (CUDA only)'}")
+    summary.append(f"oom-recovery {oom[0]}")
     report.end(f"total wall time: {time.perf_counter() - started:.0f} s", "summary: " + ", ".join(summary))
     if args.out:
         args.out.write_text("\n".join(report.lines) + "\n")
