@@ -184,7 +184,10 @@ class DiffusersEngine:
             kwargs["negative_prompt"] = request.negative_prompt
         check_safety = self._has_safety_checker(model_id) if request.safety_check is None else request.safety_check
         with self._device_errors(f"generating with {model_id}"), self._loras(model.pipe, request.loras):
-            images = model.pipe(**kwargs).images
+            try:
+                images = model.pipe(**kwargs).images
+            finally:
+                _restore_vae_dtype(model.pipe)
             nsfw = self._safety_flags(model, images) if check_safety else [False] * n
         return [GeneratedImage(_encode_png(image), seed + i, flag) for i, (image, flag) in enumerate(zip(images, nsfw))]
 
@@ -310,6 +313,14 @@ class DiffusersEngine:
     def _free_device_cache(self) -> None:
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
+
+
+def _restore_vae_dtype(pipe: Any) -> None:
+    """SDXL pipelines upcast a float16 VAE to float32 for decoding and cast it back afterwards; an error
+    in between (out of memory while decoding) would leave it float32 and break every later request."""
+    vae = getattr(pipe, "vae", None)
+    if vae is not None and vae.dtype != pipe.dtype:
+        vae.to(dtype=pipe.dtype)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -156,6 +156,26 @@ def test_out_of_memory_is_a_500_and_the_engine_keeps_serving(engine: Any, monkey
     assert generate(engine)[0].png.startswith(b"\x89PNG")
 
 
+def test_a_vae_left_upcast_by_an_out_of_memory_decode_is_put_back(engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from t2i_orchestrator.engine import OutOfMemory
+
+    engine.load(DEMO_MODEL_ID)
+    vae = engine._loaded[DEMO_MODEL_ID].pipe.vae  # noqa: SLF001 - the decode runs out of memory half way
+
+    def upcast_then_out_of_memory(*args: Any, **kwargs: Any) -> Any:
+        vae.to(dtype=torch.float64)  # as SDXL's pipeline upcasts its float16 VAE before decoding
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory while decoding")
+
+    monkeypatch.setattr(vae, "decode", upcast_then_out_of_memory)
+    with pytest.raises(OutOfMemory):
+        generate(engine)
+    monkeypatch.undo()
+    assert vae.dtype == torch.float32
+    assert generate(engine)[0].png.startswith(b"\x89PNG")
+
+
 @pytest.mark.parametrize("prompt", ["\x00\x1b[31m\u202e", "😀 un chat sur la plage, 猫", "word " * 400])
 def test_any_prompt_text_generates(engine: Any, prompt: str) -> None:
     [image] = generate(engine, prompt=prompt, negative_prompt=prompt)
