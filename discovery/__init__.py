@@ -5,14 +5,25 @@ task and reads ``snapshot()`` whenever it needs the set; handlers never wait on 
 
 - ``StaticDiscovery``: a fixed list (``--orchestrator URL``, repeatable).
 - ``RegistryFileDiscovery``: a JSON registry file that nodes add themselves to (``registry.py``).
+- ``RedisDiscovery``: a Redis registry shared by a fleet's gateways and nodes (``redis_registry.py``).
+
+Nodes join a registry through a ``Registrar``; ``open_discovery`` and ``open_registrar`` pick the
+backend from the registry's location: a ``redis://`` or ``rediss://`` URL, else a file path.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
 from urllib.parse import urlsplit
+
+from t2i_common.config import ConfigError, read_secret
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +42,75 @@ class Discovery(Protocol):
     async def refresh(self) -> bool:
         """Look for changes; True when the set changed."""
         ...
+
+    async def close(self) -> None: ...
+
+
+class Registrar(Protocol):
+    """A node's membership of a registry."""
+
+    where: str  # the registry, for logs (no password)
+
+    async def heartbeat(self) -> None:
+        """Join, or say it is still alive."""
+        ...
+
+    async def deregister(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrySettings:
+    location: str  # a registry file's path, or redis://[user:password@]host:port/db (rediss:// for TLS)
+    prefix: str = "t2i"
+    password: str | None = None
+    ca: Path | None = None
+
+    @property
+    def is_redis(self) -> bool:
+        return self.location.startswith(("redis://", "rediss://"))
+
+
+def registry_settings(values: dict[str, Any], name: str) -> RegistrySettings | None:
+    """The settings of ``--<name>`` (``--registry`` or ``--register``) and the ``--registry-*`` options."""
+    location = values[name]
+    if not location:
+        return None
+    if location.startswith(("redis://", "rediss://")):
+        try:
+            parts = urlsplit(location)
+            parts.port  # noqa: B018 - raises ValueError for a bad port
+        except ValueError as exc:
+            raise ConfigError(f"--{name}: {exc}") from None
+        if not parts.hostname:
+            raise ConfigError(f"--{name}: a Redis URL needs a host, as in redis://host:6379/0")
+    elif "://" in location:
+        raise ConfigError(f"--{name}: {location!r} is neither a file path nor a redis:// or rediss:// URL")
+    ca = values["registry_ca"]
+    if ca and not ca.is_file():
+        raise ConfigError(f"--registry-ca: {ca} is not a file")
+    return RegistrySettings(location, values["registry_prefix"], read_secret(values, "registry-password"), ca)
+
+
+def open_discovery(settings: RegistrySettings, *, heartbeat_ttl_s: float, on_error: Callable[[str], None] | None = None) -> Discovery:
+    if settings.is_redis:
+        from .redis_registry import RedisDiscovery
+
+        return RedisDiscovery(settings, outage_grace_s=heartbeat_ttl_s, on_error=on_error)
+    from .registry import RegistryFileDiscovery
+
+    return RegistryFileDiscovery(Path(settings.location), heartbeat_ttl_s=heartbeat_ttl_s, on_error=on_error)
+
+
+def open_registrar(settings: RegistrySettings, url: str, *, heartbeat_ttl_s: float) -> Registrar:
+    if settings.is_redis:
+        from .redis_registry import RedisRegistrar
+
+        return RedisRegistrar(settings, url, ttl_s=heartbeat_ttl_s)
+    from .registry import RegistryFileRegistrar
+
+    return RegistryFileRegistrar(Path(settings.location), url)
 
 
 def normalize_url(url: str) -> str:
@@ -59,9 +139,12 @@ class StaticDiscovery:
     async def refresh(self) -> bool:
         return False
 
+    async def close(self) -> None:
+        pass
+
 
 class CombinedDiscovery:
-    """Several backends as one (e.g. a static list plus a registry file)."""
+    """Several backends as one (e.g. a static list plus a registry)."""
 
     def __init__(self, backends: Iterable[Discovery]) -> None:
         self._backends = tuple(backends)
@@ -70,5 +153,12 @@ class CombinedDiscovery:
         return tuple(dict.fromkeys(e for backend in self._backends for e in backend.snapshot()))
 
     async def refresh(self) -> bool:
-        changed = [await backend.refresh() for backend in self._backends]
-        return any(changed)
+        # Side by side, and one backend's failure does not keep the others from refreshing.
+        results = await asyncio.gather(*(backend.refresh() for backend in self._backends), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                logger.error("discovery refresh failed; keeping that backend's last set: %s", result)
+        return any(result is True for result in results)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(backend.close() for backend in self._backends), return_exceptions=True)

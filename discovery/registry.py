@@ -8,17 +8,15 @@ reader never sees half a file.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import fcntl
 import json
 import logging
 import os
-import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -151,6 +149,9 @@ class RegistryFileDiscovery:
     def snapshot(self) -> tuple[Endpoint, ...]:
         return self._current
 
+    async def close(self) -> None:
+        pass
+
     async def refresh(self) -> bool:
         signature = await asyncio.to_thread(self._signature_now)
         if signature != self._signature:
@@ -184,33 +185,19 @@ class RegistryFileDiscovery:
         return changed
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """``t2i-register``: add, remove or list the orchestrators in a registry file."""
-    parser = argparse.ArgumentParser(prog="t2i-register", description="Edit a gateway's orchestrator registry file.")
-    parser.add_argument("--registry", type=Path, required=True, help="the registry file (created if missing)")
-    group = parser.add_mutually_exclusive_group(required=True)
-    group.add_argument("url", nargs="?", help="orchestrator URL to add (or refresh)")
-    group.add_argument("--remove", metavar="URL", help="orchestrator URL to remove")
-    group.add_argument("--list", action="store_true", help="print the registered orchestrators")
-    parser.add_argument(
-        "--heartbeat",
-        action="store_true",
-        help="stamp the entry with the current time: it goes stale unless refreshed (nodes do this themselves); "
-        "without it the entry is static and never goes stale",
-    )
-    args = parser.parse_args(argv)
-    try:
-        if args.list:
-            now = time.time()
-            for entry in read_registry(args.registry):
-                age = "static" if entry.heartbeat is None else f"heartbeat {now - entry.heartbeat:.0f}s ago"
-                print(f"{entry.url}\t{age}")
-        elif args.remove:
-            if not deregister(args.registry, args.remove):
-                sys.exit(f"t2i-register: {args.remove} is not in {args.registry}")
-            print(f"removed {normalize_url(args.remove)}")
-        else:
-            print(f"registered {register(args.registry, args.url, heartbeat=args.heartbeat)}")
-    except (RegistryError, ValueError, OSError) as exc:
-        sys.exit(f"t2i-register: {exc}")
+class RegistryFileRegistrar:
+    """A node's membership of a registry file (the writes run off the event loop)."""
 
+    def __init__(self, path: Path, url: str) -> None:
+        self.where = str(path)
+        self._path = path
+        self._url = url
+
+    async def heartbeat(self) -> None:
+        await asyncio.to_thread(register, self._path, self._url, heartbeat=True)
+
+    async def deregister(self) -> None:
+        await asyncio.to_thread(deregister, self._path, self._url)
+
+    async def close(self) -> None:
+        pass

@@ -80,9 +80,20 @@ class GatewayMetrics:
             "stream_bytes", "Image bytes proxied through /stream.", namespace=ns, registry=self.registry
         )
         self.registry_errors = Counter(
-            "registry_errors", "Registry file versions rejected (the last good set was kept).",
+            "registry_errors",
+            "Registry problems: registry file versions rejected, Redis registry outages (the last good set was kept).",
             namespace=ns, registry=self.registry,
         )
+
+    ATTEMPT_OUTCOMES = ("ok", "client_error", "busy", "failed")
+
+    def forget_orchestrator(self, url: str) -> None:
+        """Drop a departed orchestrator's series."""
+        for outcome in self.ATTEMPT_OUTCOMES:
+            try:
+                self.attempts.remove(url, outcome)
+            except KeyError:
+                pass
 
 
 def setup(app: web.Application, registry: CollectorRegistry) -> None:

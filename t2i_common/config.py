@@ -168,6 +168,14 @@ COMMON_OPTIONS = (
 )
 
 
+# How a daemon reaches a shared registry (a file, or Redis: --registry/--register redis://host:6379/0).
+REGISTRY_OPTIONS = (
+    Option("registry-prefix", "key prefix in a Redis registry, so that several fleets can share one Redis", default="t2i"),
+    *secret_options("registry-password", "password of a Redis registry (instead of one in its URL)"),
+    Option("registry-ca", "CA certificate (PEM) that a rediss:// registry's certificate must chain to (default: the system's)", type=Path),
+)
+
+
 def limits_from(values: dict[str, Any]) -> Limits:
     return Limits(
         max_size=values["max_size"], max_pixels=values["max_pixels"], max_steps=values["max_steps"], max_images=values["max_images"]

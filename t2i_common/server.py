@@ -12,9 +12,11 @@ import logging
 import signal
 import ssl
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from aiohttp import web
 
+from .config import ConfigError
 from .errors import ServiceUnavailable
 
 logger = logging.getLogger(__name__)
@@ -75,6 +77,16 @@ class Stop:
 
 
 STOP = web.AppKey("stop", Stop)
+
+
+def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """A server's TLS context from PEM files; a ConfigError says what is wrong with them."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"--tls-cert/--tls-key: {exc}") from None
+    return context
 
 
 async def serve(

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import ssl
 import sys
 from collections.abc import Sequence
 
 from aiohttp import web
 
-from discovery import CombinedDiscovery, Discovery, Endpoint, StaticDiscovery
-from discovery.registry import RegistryFileDiscovery
+from discovery import CombinedDiscovery, Discovery, Endpoint, StaticDiscovery, open_discovery
 from metrics import GatewayMetrics
 from t2i_common import logs
 from t2i_common.config import ConfigError
-from t2i_common.server import serve
+from t2i_common.server import serve, tls_context
 
 from .app import create_app
 from .config import GatewayConfig, load_config
@@ -31,11 +29,7 @@ def build_app(config: GatewayConfig) -> web.Application:
     if static:
         backends.append(StaticDiscovery(static))
     if config.registry:
-        backends.append(
-            RegistryFileDiscovery(
-                config.registry, heartbeat_ttl_s=config.heartbeat_ttl_s, on_error=lambda _: metrics.registry_errors.inc()
-            )
-        )
+        backends.append(open_discovery(config.registry, heartbeat_ttl_s=config.heartbeat_ttl_s, on_error=lambda _: metrics.registry_errors.inc()))
     stream_secret = config.stream_secret.encode() if config.stream_secret else secrets.token_bytes(32)
     app = create_app(config, discovery=CombinedDiscovery(backends), stream_secret=stream_secret, metrics_=metrics)
     if local:
@@ -47,13 +41,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         config = load_config(argv)
         logs.configure(config.log_level)
-        ssl_context = None
-        if config.tls_cert and config.tls_key:
-            ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            try:
-                ssl_context.load_cert_chain(config.tls_cert, config.tls_key)
-            except (OSError, ssl.SSLError) as exc:
-                raise ConfigError(f"--tls-cert/--tls-key: {exc}") from None
+        ssl_context = tls_context(config.tls_cert, config.tls_key) if config.tls_cert and config.tls_key else None
         app = build_app(config)
     except ConfigError as exc:
         sys.exit(f"t2i-gateway: {exc}")

@@ -7,6 +7,7 @@ import contextlib
 import hmac
 import json
 import logging
+import ssl
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -93,8 +94,11 @@ def create_app(
 
 
 async def _client_session(app: web.Application) -> AsyncIterator[None]:
+    # https:// orchestrators are always verified: against --orchestrator-ca, else the system's CAs.
+    ca = app[CONFIG].orchestrator_ca
+    connector = aiohttp.TCPConnector(ssl=ssl.create_default_context(cafile=str(ca) if ca else None))
     # No total timeout here: each call sets the one it needs (probes short, generation long).
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
         app[SESSION] = session
         yield
 
@@ -105,6 +109,7 @@ async def _node_pool(app: web.Application) -> AsyncIterator[None]:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+    await app[POOL].discovery.close()
 
 
 # -- handlers ----------------------------------------------------------------------------------

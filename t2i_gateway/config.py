@@ -6,11 +6,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from discovery import normalize_url
+from discovery import RegistrySettings, normalize_url, registry_settings
 from discovery.registry import RegistryError, read_registry
 from t2i_common.config import (
     COMMON_OPTIONS,
     LIMIT_OPTIONS,
+    REGISTRY_OPTIONS,
     ConfigError,
     Option,
     limits_from,
@@ -25,8 +26,20 @@ OPTIONS = (
     Option("host", "address to listen on", default="127.0.0.1"),
     Option("port", "port to listen on", type=int, default=8935),
     Option("orchestrator", "orchestrator base URL (repeatable)", repeat=True),
-    Option("registry", "registry file of orchestrators (see t2i-register), re-read when it changes", type=Path),
-    Option("heartbeat-ttl", "seconds after which a registry entry without a fresh heartbeat is ignored", type=positive(float), default=30.0),
+    Option(
+        "registry",
+        "where orchestrators register: a registry file (re-read when it changes) or redis://[user:password@]host:6379/0 "
+        "(rediss:// for TLS)",
+    ),
+    *REGISTRY_OPTIONS,
+    Option(
+        "heartbeat-ttl",
+        "seconds after which a registry-file entry without a fresh heartbeat is ignored; with Redis, how long the last "
+        "known nodes are kept after Redis comes back from an outage",
+        type=positive(float),
+        default=30.0,
+    ),
+    Option("orchestrator-ca", "CA certificate (PEM) that https:// orchestrators' certificates must chain to (default: the system's)", type=Path),
     Option("local-orchestrator", "also start an orchestrator with the demo model as a managed child process", flag=True, default=False),
     *secret_options("orchestrator-secret", "bearer secret sent to orchestrators"),
     Option("api-key", "API key that clients must send as 'Authorization: Bearer <key>' (repeatable)", repeat=True),
@@ -53,8 +66,9 @@ class GatewayConfig:
     host: str = "127.0.0.1"
     port: int = 8935
     orchestrators: tuple[str, ...] = ()
-    registry: Path | None = None
+    registry: RegistrySettings | None = None
     heartbeat_ttl_s: float = 30.0
+    orchestrator_ca: Path | None = None
     local_orchestrator: bool = False
     orchestrator_secret: str | None = None
     api_keys: frozenset[str] = frozenset()
@@ -93,19 +107,23 @@ def load_config(argv: Sequence[str] | None = None) -> GatewayConfig:
         except OSError as exc:
             raise ConfigError(f"--api-keys-file: cannot read {values['api_keys_file']}: {exc.strerror}") from None
         api_keys |= {line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")}
-    if values["registry"]:
+    registry = registry_settings(values, "registry")
+    if registry and not registry.is_redis:
         try:
-            read_registry(values["registry"])  # a missing file is fine: nodes will create it
+            read_registry(Path(registry.location))  # a missing file is fine: nodes will create it
         except RegistryError as exc:
-            raise ConfigError(f"--registry {values['registry']}: {exc}") from None
+            raise ConfigError(f"--registry {registry.location}: {exc}") from None
+    if values["orchestrator_ca"] and not values["orchestrator_ca"].is_file():
+        raise ConfigError(f"--orchestrator-ca: {values['orchestrator_ca']} is not a file")
     if bool(values["tls_cert"]) != bool(values["tls_key"]):
         raise ConfigError("--tls-cert and --tls-key go together")
     return GatewayConfig(
         host=values["host"],
         port=values["port"],
         orchestrators=orchestrators,
-        registry=values["registry"],
+        registry=registry,
         heartbeat_ttl_s=values["heartbeat_ttl"],
+        orchestrator_ca=values["orchestrator_ca"],
         local_orchestrator=values["local_orchestrator"],
         orchestrator_secret=read_secret(values, "orchestrator-secret"),
         api_keys=frozenset(api_keys),

@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 NOT_READY_PROBE_S = 0.25
 BUSY_PROBE_S = 1.0
 DISCOVERY_REFRESH_S = 1.0
+DISCOVERY_TIMEOUT_S = 5.0
 MAX_SUSPENSION_S = 60.0
 
 
@@ -181,8 +182,8 @@ class NodePool:
             while True:
                 now = time.monotonic()
                 if now >= next_discovery:
-                    try:
-                        await self.discovery.refresh()
+                    try:  # bounded: a stuck backend must not stop the probing
+                        await asyncio.wait_for(self.discovery.refresh(), DISCOVERY_TIMEOUT_S)
                     except Exception:
                         logger.exception("discovery refresh failed; keeping the current set")
                     self._sync()
@@ -206,6 +207,7 @@ class NodePool:
             if url not in endpoints:
                 logger.info("orchestrator %s left discovery", url)
                 self.nodes.pop(url).down.set()
+                self._metrics.forget_orchestrator(url)  # or a churning fleet grows the series without bound
         for url, endpoint in endpoints.items():
             if url not in self.nodes:
                 logger.info("orchestrator %s joined discovery", url)

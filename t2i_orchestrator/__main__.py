@@ -12,7 +12,7 @@ from aiohttp import web
 
 from t2i_common import logs
 from t2i_common.config import ConfigError
-from t2i_common.server import serve
+from t2i_common.server import serve, tls_context
 
 from .config import OrchestratorConfig, load_config
 
@@ -41,11 +41,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         config = load_config(argv)
         logs.configure(config.log_level)
+        ssl_context = tls_context(config.tls_cert, config.tls_key) if config.tls_cert and config.tls_key else None
         app = build_app(config)
     except ConfigError as exc:
         sys.exit(f"t2i-orchestrator: {exc}")
     logger.info("serving %s", ", ".join(m.model_id for m in config.models))
-    failure = asyncio.run(serve(app, host=config.host, port=config.port, grace_s=config.shutdown_grace_s))
+    failure = asyncio.run(serve(app, host=config.host, port=config.port, grace_s=config.shutdown_grace_s, ssl_context=ssl_context))
     if failure:
         sys.exit(f"t2i-orchestrator: {failure}")
 

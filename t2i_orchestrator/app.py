@@ -16,7 +16,7 @@ from aiohttp import web
 from marshmallow import Schema
 
 import metrics
-from discovery import registry
+from discovery import open_registrar
 from metrics import OrchestratorMetrics
 from t2i_common import __version__
 from t2i_common.errors import APIError, BadRequest, NotFound, Unauthorized, error_middleware
@@ -160,15 +160,28 @@ async def _image_sweeper(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _registration(app: web.Application) -> AsyncIterator[None]:
-    """Be in the registry file while serving: added at start, heartbeats, removed on clean shutdown."""
+    """Be in the registry while serving: joined at start, heartbeats, left on a clean shutdown.
+
+    A registry that cannot be reached is logged once per outage; the node keeps serving and keeps
+    trying at every heartbeat, so it is back in the registry as soon as the registry is.
+    """
     config = app[CONFIG]
     assert config.register and config.advertise_url
+    registrar = open_registrar(config.register, config.advertise_url, heartbeat_ttl_s=config.heartbeat_ttl_s)
+    failing = False
 
     async def heartbeat() -> None:
+        nonlocal failing
         try:
-            await asyncio.to_thread(registry.register, config.register, config.advertise_url, heartbeat=True)
-        except (OSError, registry.RegistryError) as exc:
-            logger.error("could not write a heartbeat to %s: %s", config.register, exc)
+            await asyncio.wait_for(registrar.heartbeat(), config.heartbeat_interval_s)
+        except Exception as exc:  # whatever the backend raises, the node serves on
+            if not failing:
+                logger.error("could not reach the registry %s: %s; retrying every %.0f s", registrar.where, exc or type(exc).__name__, config.heartbeat_interval_s)
+            failing = True
+            return
+        if failing:
+            logger.warning("the registry %s is reachable again", registrar.where)
+        failing = False
 
     async def heartbeat_forever() -> None:
         while True:
@@ -176,17 +189,20 @@ async def _registration(app: web.Application) -> AsyncIterator[None]:
             await heartbeat()
 
     await heartbeat()
-    logger.info("registered %s in %s", config.advertise_url, config.register)
+    if not failing:
+        logger.info("registered %s in %s", config.advertise_url, registrar.where)
     task = asyncio.create_task(heartbeat_forever())
     yield
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
     try:
-        await asyncio.to_thread(registry.deregister, config.register, config.advertise_url)
-        logger.info("removed %s from %s", config.advertise_url, config.register)
-    except (OSError, registry.RegistryError) as exc:
-        logger.error("could not remove this node from %s: %s", config.register, exc)
+        await asyncio.wait_for(registrar.deregister(), 5.0)
+        logger.info("removed %s from %s", config.advertise_url, registrar.where)
+    except Exception as exc:
+        logger.error("could not remove this node from %s: %s", registrar.where, exc or type(exc).__name__)
+    finally:
+        await registrar.close()
 
 
 # -- handlers ----------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from pathlib import Path
 from t2i_common.config import (
     COMMON_OPTIONS,
     LIMIT_OPTIONS,
+    REGISTRY_OPTIONS,
     ConfigError,
     Option,
     limits_from,
@@ -19,6 +20,7 @@ from t2i_common.config import (
     read_secret,
     secret_options,
 )
+from discovery import RegistrySettings, normalize_url, registry_settings
 from t2i_common.schemas import Limits
 
 from .demo_model import DEMO_MODEL_ID
@@ -57,8 +59,16 @@ OPTIONS = (
         default=SAFETY_CHECKER_ID,
     ),
     Option("advertise-url", "base URL of this node in image URLs (default: the URL the request came to)"),
-    Option("register", "registry file to add this node to at start (with heartbeats) and remove it from at shutdown", type=Path),
+    Option(
+        "register",
+        "registry to join at start (with heartbeats) and leave at shutdown: a registry file or "
+        "redis://[user:password@]host:6379/0 (rediss:// for TLS)",
+    ),
+    *REGISTRY_OPTIONS,
     Option("heartbeat-interval", "seconds between registry heartbeats", type=positive(float), default=10.0),
+    Option("heartbeat-ttl", "seconds a Redis registry keeps this node after its last heartbeat", type=positive(float), default=30.0),
+    Option("tls-cert", "certificate file (PEM): serve HTTPS", type=Path),
+    Option("tls-key", "private key file (PEM) for --tls-cert", type=Path),
     Option("node-id", "name of this node in /capabilities (default: <hostname>:<port>)"),
     *LIMIT_OPTIONS,
     *COMMON_OPTIONS,
@@ -85,8 +95,11 @@ class OrchestratorConfig:
     safety_checker: str | None = SAFETY_CHECKER_ID  # None: no shared checker
     advertise_url: str | None = None
     node_id: str = field(default_factory=socket.gethostname)
-    register: Path | None = None
+    register: RegistrySettings | None = None
     heartbeat_interval_s: float = 10.0
+    heartbeat_ttl_s: float = 30.0
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
     limits: Limits = Limits()
     shutdown_grace_s: float = 120.0
     log_prompts: bool = False
@@ -108,8 +121,18 @@ def load_config(argv: Sequence[str] | None = None) -> OrchestratorConfig:
                 raise ConfigError(f"model {spec.model_id}: its {key} {path} does not exist")
     if values["max_queue"] < 0:
         raise ConfigError(f"--max-queue must be 0 or more, got {values['max_queue']}")
-    if values["register"] and not values["advertise_url"]:
+    register = registry_settings(values, "register")
+    if register and not values["advertise_url"]:
         raise ConfigError("--register needs --advertise-url: the URL gateways should use to reach this node")
+    if values["advertise_url"]:
+        try:
+            normalize_url(values["advertise_url"])
+        except ValueError as exc:
+            raise ConfigError(f"--advertise-url: {exc}") from None
+    if register and register.is_redis and values["heartbeat_ttl"] <= values["heartbeat_interval"]:
+        raise ConfigError("--heartbeat-ttl must be longer than --heartbeat-interval, or the node drops out between heartbeats")
+    if bool(values["tls_cert"]) != bool(values["tls_key"]):
+        raise ConfigError("--tls-cert and --tls-key go together")
     cache_dir = values["cache_dir"] or default_cache_dir()
     return OrchestratorConfig(
         models=tuple(specs),
@@ -131,8 +154,11 @@ def load_config(argv: Sequence[str] | None = None) -> OrchestratorConfig:
         advertise_url=values["advertise_url"].rstrip("/") if values["advertise_url"] else None,
         node_id=values["node_id"] or f"{socket.gethostname()}:{values['port']}",
         limits=limits_from(values),
-        register=values["register"],
+        register=register,
         heartbeat_interval_s=values["heartbeat_interval"],
+        heartbeat_ttl_s=values["heartbeat_ttl"],
+        tls_cert=values["tls_cert"],
+        tls_key=values["tls_key"],
         shutdown_grace_s=values["shutdown_grace"],
         log_prompts=values["log_prompts"],
         log_level=values["log_level"],

@@ -74,7 +74,7 @@ def ships_safety_checker(folder: Path) -> bool:
 
 def how_to_get(spec: ModelSpec, steps: int | None = None) -> str:
     """What an operator runs to get a model's files, for the error that says they are missing."""
-    include = "--include '*.fp16.safetensors' '*.json' '*.txt'"  # what Livepeer's download script fetches
+    include = "--include '*.fp16.safetensors' --include '*.json' --include '*.txt'"  # what Livepeer's download script fetches
     if steps:  # SDXL-Lightning: the SDXL base plus one UNet file
         return (
             f"hf download {SDXL_BASE_ID} {include} && hf download {SDXL_LIGHTNING_REPO} "

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from discovery import Endpoint
+from discovery import Endpoint, RegistrySettings
 from discovery.registry import RegistryError, RegistryFileDiscovery, parse_registry, read_registry, register
 from metrics import GatewayMetrics
 from t2i_gateway.app import POOL, create_app
@@ -24,7 +24,7 @@ from .helpers import BODY, wait_until
 
 
 def t2i_register(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", "from discovery.registry import main; main()", *args], capture_output=True, text=True, timeout=30)
+    return subprocess.run([sys.executable, "-c", "from discovery.cli import main; main()", *args], capture_output=True, text=True, timeout=30)
 
 
 def test_register_list_and_remove_from_the_command_line(tmp_path: Path) -> None:
@@ -112,7 +112,7 @@ async def test_gateway_follows_the_registry_without_a_restart(tmp_path: Path, ai
     registry = tmp_path / "registry.json"
     metrics = GatewayMetrics(CollectorRegistry())
     discovery = RegistryFileDiscovery(registry, on_error=lambda _: metrics.registry_errors.inc())
-    app = create_app(GatewayConfig(registry=registry), discovery=discovery, stream_secret=b"k", metrics_=metrics)
+    app = create_app(GatewayConfig(registry=RegistrySettings(str(registry))), discovery=discovery, stream_secret=b"k", metrics_=metrics)
     client = await aiohttp_client(app)
     pool = app[POOL]
     assert (await client.get("/health")).status == 503

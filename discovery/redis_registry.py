@@ -1,0 +1,267 @@
+"""The Redis registry: one registry that every gateway and node of a fleet reaches over the network.
+
+Under a key prefix (``--registry-prefix``, default ``t2i``, so that several fleets can share a Redis):
+
+- ``<prefix>:orchestrators`` is a sorted set: member = a node's URL, score = when its entry expires, in
+  seconds on Redis's own clock (``TIME``), ``+inf`` for a static entry (``t2i-register`` without
+  ``--heartbeat``). A heartbeat moves the score forward; every read removes what has expired, in the
+  same script. So expiry is decided by one clock, Redis's, never by a gateway's or a node's.
+- ``<prefix>:orchestrators:events`` is a channel on which joins and leaves are announced
+  (``join <url>``, ``leave <url>``), so that gateways hear of them at once; a full read every few
+  seconds is the safety net for a missed message. A full read is one round trip, however large the fleet.
+
+A gateway keeps each node until its entry's expiry (measured by Redis, counted down by the gateway)
+or its ``leave``. When Redis is unreachable the gateway keeps the last known set, and when Redis comes
+back (even restarted empty) it keeps each node for at least ``outage_grace_s`` more, time enough for
+the nodes' next heartbeats to put them back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis.asyncio as redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError, RedisError
+
+from . import Endpoint, RegistrySettings, normalize_url
+
+logger = logging.getLogger(__name__)
+
+# Add or refresh a node; announce it when it is new. KEYS: set, channel. ARGV: url, ttl seconds ("" = static).
+_HEARTBEAT = """
+local now = redis.call('TIME')
+local expiry = '+inf'
+if ARGV[2] ~= '' then expiry = tonumber(now[1]) + tonumber(now[2]) / 1e6 + tonumber(ARGV[2]) end
+local added = redis.call('ZADD', KEYS[1], expiry, ARGV[1])
+if added == 1 then redis.call('PUBLISH', KEYS[2], 'join ' .. ARGV[1]) end
+return added
+"""
+
+# Drop expired entries, then return Redis's time and every entry with its expiry. KEYS: set.
+_READ = """
+local now = redis.call('TIME')
+local t = tonumber(now[1]) + tonumber(now[2]) / 1e6
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. t)
+return {tostring(t), redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')}
+"""
+
+# Remove a node and announce it. KEYS: set, channel. ARGV: url.
+_LEAVE = """
+local removed = redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('PUBLISH', KEYS[2], 'leave ' .. ARGV[1])
+return removed
+"""
+
+FULL_READ_S = 5.0
+RECONNECT_S = 1.0
+
+
+class RedisRegistry:
+    """The registry's operations, for nodes (heartbeat, leave), ``t2i-register`` and gateways (read)."""
+
+    def __init__(self, settings: RegistrySettings) -> None:
+        self.settings = settings
+        self.key = f"{settings.prefix}:orchestrators"
+        self.channel = f"{self.key}:events"
+        self.client = connect(settings)
+        self._heartbeat = self.client.register_script(_HEARTBEAT)
+        self._read = self.client.register_script(_READ)
+        self._leave = self.client.register_script(_LEAVE)
+
+    async def heartbeat(self, url: str, ttl_s: float | None) -> bool:
+        """Add or refresh ``url`` (for ``ttl_s`` seconds; None: static). True when it was new."""
+        return bool(await self._heartbeat(keys=[self.key, self.channel], args=[url, "" if ttl_s is None else repr(ttl_s)]))
+
+    async def leave(self, url: str) -> bool:
+        """Remove ``url``; False when it was not there."""
+        return bool(await self._leave(keys=[self.key, self.channel], args=[url]))
+
+    async def read(self) -> tuple[float, dict[str, float]]:
+        """Redis's time now and every live entry's expiry on that clock (``inf`` for static ones)."""
+        now, flat = await self._read(keys=[self.key])
+        return float(now), {flat[i]: float(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+def connect(settings: RegistrySettings) -> redis.Redis:
+    """A client for ``settings.location``; ``rediss://`` certificates are always verified, host name included."""
+    options: dict[str, Any] = {
+        "decode_responses": True,
+        "socket_timeout": 2.0,
+        "socket_connect_timeout": 2.0,
+        # A pooled connection that a Redis restart closed fails its next command: try once more on a
+        # fresh one (redis-py's default policy does not, and the heartbeat would be lost).
+        "retry": Retry(NoBackoff(), 1),
+        "retry_on_error": [ConnectionError],
+    }
+    if settings.password:
+        options["password"] = settings.password
+    if settings.location.startswith("rediss://"):
+        options |= {"ssl_cert_reqs": "required", "ssl_check_hostname": True}
+        if settings.ca:
+            options["ssl_ca_certs"] = str(settings.ca)
+    return redis.Redis.from_url(settings.location, **options)
+
+
+def redacted(location: str) -> str:
+    """The URL without its password, for logs."""
+    scheme, _, rest = location.partition("://")
+    return f"{scheme}://{rest.rpartition('@')[2]}"
+
+
+class RedisRegistrar:
+    """A node's membership: heartbeats that keep it in the set, a leave at shutdown."""
+
+    def __init__(self, settings: RegistrySettings, url: str, *, ttl_s: float) -> None:
+        self.where = redacted(settings.location)
+        self._registry = RedisRegistry(settings)
+        self._url = url
+        self._ttl_s = ttl_s
+
+    async def heartbeat(self) -> None:
+        await self._registry.heartbeat(self._url, self._ttl_s)
+
+    async def deregister(self) -> None:
+        await self._registry.leave(self._url)
+
+    async def close(self) -> None:
+        await self._registry.close()
+
+
+class RedisDiscovery:
+    """The gateway's view of a Redis registry, kept current by a task of its own (see the module doc)."""
+
+    def __init__(
+        self,
+        settings: RegistrySettings,
+        *,
+        outage_grace_s: float = 30.0,
+        full_read_s: float = FULL_READ_S,
+        on_error: Callable[[str], None] | None = None,
+    ) -> None:
+        self.where = redacted(settings.location)
+        self._settings = settings
+        self._outage_grace_s = outage_grace_s
+        self._full_read_s = full_read_s
+        self._on_error = on_error
+        self._deadlines: dict[str, float] = {}  # url -> time.monotonic() when its entry expires
+        self._current: tuple[Endpoint, ...] = ()
+        self._changed = False
+        self._connected = False
+        self._in_outage = False
+        self._closed = False
+        self._task: asyncio.Task[None] | None = None
+
+    def snapshot(self) -> tuple[Endpoint, ...]:
+        return self._current
+
+    async def refresh(self) -> bool:
+        """Cheap: the follower task does the I/O; this applies expiry and says whether the set changed."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._follow())
+        if self._connected:  # while Redis is away, nothing expires: its clock is not there to say so
+            expired = [url for url, deadline in self._deadlines.items() if deadline <= time.monotonic()]
+            for url in expired:
+                logger.info("orchestrator %s: its registry entry expired", url)
+                del self._deadlines[url]
+            if expired:
+                self._publish()
+        changed, self._changed = self._changed, False
+        return changed
+
+    async def close(self) -> None:
+        self._closed = True  # redis-py may turn the cancellation of a read into a ConnectionError
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _follow(self) -> None:
+        while not self._closed:
+            registry = RedisRegistry(self._settings)
+            pubsub = registry.client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(registry.channel)
+                await self._read(registry)
+                self._came_back()
+                await self._listen(registry, pubsub)
+            except (RedisError, OSError) as exc:
+                if self._closed:
+                    return
+                self._went_away(exc)
+            finally:
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()
+                with contextlib.suppress(RedisError, OSError):
+                    await registry.close()
+            await asyncio.sleep(RECONNECT_S)
+
+    async def _listen(self, registry: RedisRegistry, pubsub: Any) -> None:
+        next_read = time.monotonic() + self._full_read_s
+        while not self._closed:
+            # At most a second per wait: a cancellation that redis-py turns into a timeout is then
+            # noticed through ``_closed`` within a second.
+            message = await pubsub.get_message(timeout=min(1.0, max(0.0, next_read - time.monotonic())))
+            read = time.monotonic() >= next_read
+            while message is not None:  # take everything already there, then read once
+                kind, _, url = str(message.get("data", "")).partition(" ")
+                if kind == "leave" and self._deadlines.pop(url, None) is not None:
+                    logger.info("orchestrator %s left the registry", url)
+                    self._publish()
+                read = read or kind == "join"
+                message = await pubsub.get_message(timeout=0.0)
+            if read:
+                await self._read(registry)
+                next_read = time.monotonic() + self._full_read_s
+
+    async def _read(self, registry: RedisRegistry) -> None:
+        redis_now, entries = await registry.read()
+        local_now = time.monotonic()
+        present: dict[str, float] = {}
+        for url, expiry in entries.items():
+            try:
+                present[normalize_url(url)] = local_now + (expiry - redis_now)  # inf stays inf
+            except ValueError:
+                continue  # not something a node or t2i-register wrote; never routed to
+        # Absent static entries were removed; absent heartbeat entries may be a Redis restarted empty:
+        # they stay until their expiry, by which time their nodes have heartbeaten again.
+        for url, deadline in list(self._deadlines.items()):
+            if url not in present and math.isinf(deadline):
+                del self._deadlines[url]
+        self._deadlines.update(present)
+        self._publish()
+
+    def _publish(self) -> None:
+        current = tuple(Endpoint(url) for url in sorted(self._deadlines))
+        if current != self._current:
+            self._current = current
+            self._changed = True
+
+    def _came_back(self) -> None:
+        if self._in_outage:
+            logger.warning("registry %s is reachable again", self.where)
+            floor = time.monotonic() + self._outage_grace_s
+            self._deadlines = {url: max(deadline, floor) for url, deadline in self._deadlines.items()}
+        self._connected, self._in_outage = True, False
+
+    def _went_away(self, exc: BaseException) -> None:
+        self._connected = False
+        if not self._in_outage:  # logged and counted once per outage, not once per retry
+            self._in_outage = True
+            message = (
+                f"registry {self.where} is unreachable ({exc or type(exc).__name__}); "
+                f"keeping the last known {len(self._deadlines)} orchestrator(s)"
+            )
+            logger.error("%s", message)
+            if self._on_error:
+                self._on_error(message)

@@ -1,0 +1,187 @@
+"""The Redis registry against a real ``redis-server``: joins, leaves, expiry by Redis's clock, outages."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from discovery import RegistrySettings, open_discovery, open_registrar
+from discovery.redis_registry import RedisDiscovery, RedisRegistry
+from metrics import GatewayMetrics
+
+from .services import RedisServer, make_ca
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+async def until(condition, timeout: float = 10.0) -> float:  # type: ignore[no-untyped-def]
+    """Wait for ``condition()``; returns how long it took. Discovery is refreshed as the gateway does."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if await condition():
+            return time.monotonic() - started
+        await asyncio.sleep(0.02)
+    raise AssertionError("condition not met in time")
+
+
+def urls(discovery: RedisDiscovery) -> set[str]:
+    return {endpoint.url for endpoint in discovery.snapshot()}
+
+
+async def sees(discovery: RedisDiscovery, expected: set[str]) -> bool:
+    await discovery.refresh()
+    return urls(discovery) == expected
+
+
+async def test_joins_and_leaves_reach_a_gateway_at_once(redis_server: RedisServer) -> None:
+    settings = RegistrySettings(redis_server.url)
+    # No periodic read within the test: whatever reaches the gateway came through the channel.
+    discovery = RedisDiscovery(settings, full_read_s=3600)
+    node = open_registrar(settings, "http://10.0.0.1:8936", heartbeat_ttl_s=30)
+    try:
+        assert await discovery.refresh() is False and discovery.snapshot() == ()
+        await until(lambda: asyncio.sleep(0, discovery._connected))  # noqa: SLF001 - subscribed
+        await node.heartbeat()
+        await until(lambda: sees(discovery, {"http://10.0.0.1:8936"}))
+        await node.deregister()
+        await until(lambda: sees(discovery, set()))
+    finally:
+        await node.close()
+        await discovery.close()
+
+
+async def test_a_node_that_stops_heartbeating_expires_by_redis_clock(redis_server: RedisServer) -> None:
+    settings = RegistrySettings(redis_server.url)
+    discovery = RedisDiscovery(settings, full_read_s=3600)  # only the countdown of Redis's expiry can remove it
+    node = open_registrar(settings, "http://10.0.0.2:8936", heartbeat_ttl_s=1.0)
+    try:
+        await until(lambda: asyncio.sleep(0, discovery._connected) if discovery._task else discovery.refresh())  # noqa: SLF001
+        joined = time.monotonic()
+        await node.heartbeat()
+        await until(lambda: sees(discovery, {"http://10.0.0.2:8936"}))
+        await until(lambda: sees(discovery, set()))  # no more heartbeats: gone once the TTL has passed
+        assert time.monotonic() - joined >= 1.0
+        _, entries = await RedisRegistry(settings).read()
+        assert entries == {}  # and removed from Redis itself
+    finally:
+        await node.close()
+        await discovery.close()
+
+
+async def test_several_fleets_share_one_redis_by_prefix(redis_server: RedisServer) -> None:
+    blue, green = RegistrySettings(redis_server.url, prefix="blue"), RegistrySettings(redis_server.url, prefix="green")
+    discovery = open_discovery(blue, heartbeat_ttl_s=30)
+    blue_node = open_registrar(blue, "http://blue:1", heartbeat_ttl_s=30)
+    green_node = open_registrar(green, "http://green:1", heartbeat_ttl_s=30)
+    try:
+        await green_node.heartbeat()
+        await blue_node.heartbeat()
+        await until(lambda: sees(discovery, {"http://blue:1"}))
+        await asyncio.sleep(0.2)
+        assert urls(discovery) == {"http://blue:1"}
+    finally:
+        for closing in (blue_node, green_node, discovery):
+            await closing.close()
+
+
+async def test_an_outage_keeps_the_last_known_set_and_a_restart_empty_loses_no_node(redis_server: RedisServer) -> None:
+    settings = RegistrySettings(redis_server.url)
+    errors: list[str] = []
+    discovery = open_discovery(settings, heartbeat_ttl_s=3.0, on_error=errors.append)
+    node = open_registrar(settings, "http://10.0.0.3:8936", heartbeat_ttl_s=1.0)
+    try:
+        await node.heartbeat()
+        await until(lambda: sees(discovery, {"http://10.0.0.3:8936"}))
+        redis_server.stop()
+        await until(lambda: asyncio.sleep(0, bool(errors)))
+        for _ in range(100):  # 2 s: longer than the node's TTL, but Redis is not there to say it expired
+            await discovery.refresh()
+            await asyncio.sleep(0.02)
+        assert urls(discovery) == {"http://10.0.0.3:8936"}
+        assert len(errors) == 1 and "unreachable" in errors[0] and "keeping the last known 1" in errors[0]
+        redis_server.start()  # empty: the node's entry is gone until its next heartbeat
+        await asyncio.sleep(1.5)  # the gateway reconnects (every second) and reads an empty set
+        for _ in range(10):
+            await discovery.refresh()
+        assert urls(discovery) == {"http://10.0.0.3:8936"}  # kept for --heartbeat-ttl after the outage
+        await node.heartbeat()  # the node's next heartbeat puts it back
+        await until(lambda: sees(discovery, {"http://10.0.0.3:8936"}))
+        assert len(errors) == 1
+    finally:
+        await node.close()
+        await discovery.close()
+
+
+async def test_redis_over_tls_is_verified_against_the_ca(tmp_path: Path) -> None:
+    tls = make_ca(tmp_path / "tls")
+    server = RedisServer(tmp_path, password="s3cret", tls=tls)
+    server.start()
+    try:
+        trusted = RegistrySettings(server.url, password="s3cret", ca=tls.ca)
+        assert server.url.startswith("rediss://")
+        registry = RedisRegistry(trusted)
+        assert await registry.heartbeat("http://10.0.0.4:8936", 30) is True
+        assert "http://10.0.0.4:8936" in (await registry.read())[1]
+        await registry.close()
+        other = make_ca(tmp_path / "other", name="other")
+        for settings in (RegistrySettings(server.url, password="s3cret", ca=other.ca), RegistrySettings(server.url, password="s3cret")):
+            untrusted = RedisRegistry(settings)  # another CA, or the system's: the certificate is refused
+            with pytest.raises(Exception, match="CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
+                await untrusted.read()
+            await untrusted.close()
+        wrong_password = RedisRegistry(RegistrySettings(server.url, password="wrong", ca=tls.ca))
+        with pytest.raises(Exception, match="(?i)password|auth"):
+            await wrong_password.read()
+        await wrong_password.close()
+    finally:
+        server.stop()
+
+
+def t2i_register(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    import os
+
+    return subprocess.run(
+        [sys.executable, "-c", "from discovery.cli import main; main()", *args],
+        capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})},
+    )
+
+
+def test_t2i_register_adds_lists_and_removes_in_redis(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path, password="pw")
+    server.start()
+    try:
+        (tmp_path / "password").write_text("pw\n")
+        auth = ["--registry", server.url, "--registry-password-file", str(tmp_path / "password")]
+        assert t2i_register(*auth, "http://10.0.0.5:8936/").stdout == "registered http://10.0.0.5:8936\n"
+        assert t2i_register(*auth, "--heartbeat", "--ttl", "60", "http://10.0.0.6:8936").returncode == 0
+        listed = t2i_register("--registry", server.url, "--list", env={"T2I_REGISTRY_PASSWORD": "pw"}).stdout.splitlines()
+        assert listed[0] == "http://10.0.0.5:8936\tstatic" and listed[1].startswith("http://10.0.0.6:8936\texpires in 6")
+        assert t2i_register(*auth, "--remove", "http://10.0.0.5:8936").stdout == "removed http://10.0.0.5:8936\n"
+        missing = t2i_register(*auth, "--remove", "http://10.0.0.5:8936")
+        assert missing.returncode == 1 and "is not in redis://127.0.0.1" in missing.stderr and "pw" not in missing.stderr
+        refused = t2i_register("--registry", server.url, "--list")
+        assert refused.returncode == 1 and refused.stderr.startswith("t2i-register: registry redis://127.0.0.1")
+    finally:
+        server.stop()
+
+
+async def test_a_departed_node_takes_its_metric_series_along() -> None:
+    metrics = GatewayMetrics(CollectorRegistry())
+    metrics.attempts.labels("http://gone:1", "ok").inc()
+    metrics.attempts.labels("http://stays:1", "ok").inc()
+    metrics.forget_orchestrator("http://gone:1")
+    assert metrics.registry.get_sample_value("t2i_gateway_attempts_total", {"orchestrator": "http://gone:1", "outcome": "ok"}) is None
+    assert metrics.registry.get_sample_value("t2i_gateway_attempts_total", {"orchestrator": "http://stays:1", "outcome": "ok"}) == 1
