@@ -30,12 +30,15 @@ BUSY_PROBE_S = 1.0
 DISCOVERY_REFRESH_S = 1.0
 DISCOVERY_TIMEOUT_S = 5.0
 MAX_SUSPENSION_S = 60.0
+SAMPLE = 8  # nodes drawn per selection in a large fleet
 
 
-@dataclass
+@dataclass(eq=False)
 class Node:
     endpoint: Endpoint
     capabilities: dict[str, Any] | None = None  # the last valid /capabilities answer
+    tiers: dict[str, int] = field(default_factory=dict)  # model -> 0 warm (or loaded), 1 loadable on demand
+    capacity: int = 0  # as it advertised at the last probe
     ready: bool = False
     suspended_until: float = 0.0
     failures: int = 0  # consecutive; sets the length of the next suspension
@@ -54,15 +57,11 @@ class Node:
 
     def tier(self, model_id: str) -> int | None:
         """0 if the model is warm (or loaded) here, 1 if it can be loaded on demand, None if not offered."""
-        for model in (self.capabilities or {}).get("models", []):
-            if model["model_id"] == model_id:
-                return 0 if model["warm"] or model["loaded"] else 1
-        return None
+        return self.tiers.get(model_id)
 
     def free(self) -> int:
         """Advertised capacity minus load: the load it reported, plus what we sent since."""
-        capacity = int((self.capabilities or {}).get("capacity", 0))
-        return capacity - max(self.in_flight, self.reported_busy + self.in_flight - self.in_flight_at_probe)
+        return self.capacity - max(self.in_flight, self.reported_busy + self.in_flight - self.in_flight_at_probe)
 
     def suspended(self, now: float) -> bool:
         return now < self.suspended_until
@@ -86,28 +85,54 @@ class NodePool:
         self._probe_timeout = aiohttp.ClientTimeout(total=probe_timeout_s)
         self._probing: set[str] = set()
         self._session: aiohttp.ClientSession | None = None
+        # What selection reads on every request, rebuilt only when a node's readiness or models change
+        # (not on every change of load), so that a request costs the same with 10 nodes or 1,000.
+        self._stale = True
+        self._offer: dict[str, tuple[list[Node], list[Node]]] = {}  # model -> (ready warm nodes, ready on-demand nodes)
+        self._models_on_offer: list[str] = []
+        self._default_model: str | None = None
 
     # -- selection ----------------------------------------------------------------------------
 
     def select(self, model_id: str, exclude: set[str]) -> Node | None:
-        """The best node for ``model_id``: warm before on-demand, then most free capacity, ties at random."""
+        """The best node for ``model_id``: warm before on-demand, then most free capacity, ties at random.
+
+        Among more than ``2 * SAMPLE`` nodes of a tier, the most free of ``SAMPLE`` drawn at random
+        (the "power of d choices": nearly as even a spread, at a cost that does not grow with the fleet);
+        only when none of those can take the request are all of them looked at.
+        """
+        self._reindex()
         now = time.monotonic()
-        candidates = [
-            node
-            for node in self.nodes.values()
-            if node.url not in exclude
-            and node.ready
-            and not node.suspended(now)
-            and node.tier(model_id) is not None
-            and node.free() > 0
-        ]
-        random.shuffle(candidates)  # sort is stable: equal nodes stay in random order, so load spreads
-        candidates.sort(key=lambda node: (node.tier(model_id), -node.free()))
-        return candidates[0] if candidates else None
+        for nodes in self._offer.get(model_id, ()):
+            if len(nodes) > 2 * SAMPLE:
+                node = _most_free(random.sample(nodes, SAMPLE), exclude, now)
+                if node is not None:
+                    return node
+            node = _most_free(random.sample(nodes, len(nodes)), exclude, now)
+            if node is not None:
+                return node
+        return None
 
     def models_on_offer(self) -> list[str]:
         """Every model any known node offers (as last seen), sorted."""
-        return sorted({m["model_id"] for node in self.nodes.values() for m in (node.capabilities or {}).get("models", [])})
+        self._reindex()
+        return self._models_on_offer
+
+    def _reindex(self) -> None:
+        if not self._stale:
+            return
+        self._stale = False
+        offer: dict[str, tuple[list[Node], list[Node]]] = {}
+        for node in self.nodes.values():
+            if node.ready:
+                for model_id, tier in node.tiers.items():
+                    offer.setdefault(model_id, ([], []))[tier].append(node)
+        self._offer = offer
+        self._models_on_offer = sorted({model_id for node in self.nodes.values() for model_id in node.tiers})
+        # The default when a request names no model: warm on the most ready nodes, else offered by the most.
+        warm = Counter({model_id: len(tiers[0]) for model_id, tiers in offer.items() if tiers[0]})
+        offered = Counter({model_id: len(tiers[0]) + len(tiers[1]) for model_id, tiers in offer.items()})
+        self._default_model = next((counts.most_common(1)[0][0] for counts in (warm, offered) if counts), None)
 
     def models_summary(self) -> list[dict[str, Any]]:
         """Each model on offer, with on how many healthy nodes it is warm or loadable."""
@@ -124,14 +149,8 @@ class NodePool:
     def default_model(self) -> str | None:
         """The gateway's default when a request names no model: the one warm on the most ready nodes,
         else the one offered by the most ready nodes."""
-        ready = [node for node in self.nodes.values() if node.ready]
-        for warm_only in (True, False):
-            counts = Counter(
-                m["model_id"] for node in ready for m in (node.capabilities or {}).get("models", []) if m["warm"] or not warm_only
-            )
-            if counts:
-                return counts.most_common(1)[0][0]
-        return None
+        self._reindex()
+        return self._default_model
 
     def healthy(self) -> list[Node]:
         now = time.monotonic()
@@ -168,6 +187,7 @@ class NodePool:
         node.next_probe = node.suspended_until
         node.ready = False
         node.last_error = reason
+        self._stale = True
         logger.warning("orchestrator %s failed (%s); suspended for %.0f s", node.url, reason, suspension)
         self._update_gauges()
 
@@ -203,6 +223,8 @@ class NodePool:
 
     def _sync(self) -> None:
         endpoints = {endpoint.url: endpoint for endpoint in self.discovery.snapshot()}
+        if endpoints.keys() != self.nodes.keys():
+            self._stale = True
         for url in list(self.nodes):
             if url not in endpoints:
                 logger.info("orchestrator %s left discovery", url)
@@ -241,10 +263,15 @@ class NodePool:
             self._probing.discard(node.url)
         now = time.monotonic()
         node.capabilities = capabilities
+        node.capacity = int(capabilities["capacity"])
         node.reported_busy = int(capabilities["in_flight"]) + int(capabilities["queued"])
         node.in_flight_at_probe = node.in_flight
+        tiers = {m["model_id"]: 0 if m["warm"] or m["loaded"] else 1 for m in capabilities["models"]}
         was_ready = node.ready
         node.ready = capabilities.get("status", "ready") == "ready"
+        if tiers != node.tiers or node.ready != was_ready:
+            node.tiers = tiers
+            self._stale = True
         if node.ready and not was_ready:
             node.down = asyncio.Event()
             node.suspended_until = 0.0
@@ -307,6 +334,17 @@ def _check_capabilities(body: Any) -> dict[str, Any]:
     if not isinstance(body.get("status", "ready"), str):
         raise ValueError("/capabilities has an invalid 'status'")
     return body
+
+
+def _most_free(nodes: list[Node], exclude: set[str], now: float) -> Node | None:
+    """The node with the most free capacity that can take a request now (the first of equals: callers shuffle)."""
+    best, best_free = None, 0
+    for node in nodes:
+        if node.ready and node.url not in exclude and not node.suspended(now):
+            free = node.free()
+            if free > best_free:
+                best, best_free = node, free
+    return best
 
 
 def retry_after_s(nodes: list[Node]) -> int:

@@ -85,7 +85,7 @@ async def test_unknown_model_is_a_400_listing_the_offer(make_gateway: MakeGatewa
 
 
 async def test_failure_is_retried_elsewhere_and_the_node_suspended(make_gateway: MakeGateway) -> None:
-    bad, good = FakeOrchestrator(), FakeOrchestrator()
+    bad, good = FakeOrchestrator(capacity=8), FakeOrchestrator(capacity=4)  # the bad node, with more room, is tried first
     bad.mode = "fail"
     gateway = await make_gateway(bad, good)
     for _ in range(4):

@@ -1,0 +1,51 @@
+"""Selection over a large fleet, with synthetic nodes (no HTTP): warm first, free capacity, spread."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from prometheus_client import CollectorRegistry
+
+from discovery import Endpoint, StaticDiscovery
+from metrics import GatewayMetrics
+from t2i_gateway.nodes import Node, NodePool
+
+
+def pool_of(count: int, *, warm: str = "m/warm", cold: str = "m/cold", capacity: int = 4) -> NodePool:
+    pool = NodePool(StaticDiscovery(()), GatewayMetrics(CollectorRegistry()))
+    for i in range(count):
+        node = Node(Endpoint(f"http://10.0.{i // 250}.{i % 250}:8936"), ready=True, capacity=capacity, tiers={warm: 0, cold: 1})
+        pool.nodes[node.url] = node
+    return pool
+
+
+def test_a_large_fleet_spreads_requests_and_prefers_free_nodes() -> None:
+    pool = pool_of(1000)
+    busy = list(pool.nodes.values())[:500]
+    for node in busy:
+        node.in_flight = 3  # one slot left
+    picks = Counter(pool.select("m/warm", exclude=set()).url for _ in range(2000))  # type: ignore[union-attr]
+    assert len(picks) > 400  # spread over the 500 free nodes (about 491 expected), not piled on a few
+    on_busy = sum(picks[node.url] for node in busy)
+    assert on_busy < 100  # only when all 8 drawn are busy: 1 in 256, so about 8 of 2000 expected
+
+
+def test_the_one_node_with_room_is_found_among_a_thousand_full_ones() -> None:
+    pool = pool_of(1000)
+    nodes = list(pool.nodes.values())
+    for node in nodes:
+        node.in_flight = 4
+    nodes[777].in_flight = 0
+    assert pool.select("m/warm", exclude=set()) is nodes[777]
+    assert pool.select("m/warm", exclude={nodes[777].url}) is None
+
+
+def test_warm_nodes_come_before_on_demand_ones_whatever_their_load() -> None:
+    pool = pool_of(100, warm="m/a", cold="m/b")
+    extra = Node(Endpoint("http://10.9.9.9:8936"), ready=True, capacity=64, tiers={"m/b": 0})
+    pool.nodes[extra.url] = extra
+    pool._stale = True  # noqa: SLF001 - nodes were added behind the pool's back
+    assert all(pool.select("m/b", exclude=set()) is extra for _ in range(50))
+    extra.in_flight = 64
+    assert pool.select("m/b", exclude=set()) in pool.nodes.values()  # then on demand
+    assert pool.models_on_offer() == ["m/a", "m/b"] and pool.default_model() == "m/a"
