@@ -96,7 +96,9 @@ def create_app(
 async def _client_session(app: web.Application) -> AsyncIterator[None]:
     # https:// orchestrators are always verified: against --orchestrator-ca, else the system's CAs.
     ca = app[CONFIG].orchestrator_ca
-    connector = aiohttp.TCPConnector(ssl=ssl.create_default_context(cafile=str(ca) if ca else None))
+    # No cap on connections (aiohttp's default is 100): --max-in-flight bounds the requests, and a
+    # large fleet's probes keep one connection per node alive.
+    connector = aiohttp.TCPConnector(limit=0, ssl=ssl.create_default_context(cafile=str(ca) if ca else None))
     # No total timeout here: each call sets the one it needs (probes short, generation long).
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
         app[SESSION] = session

@@ -269,21 +269,21 @@ class NodePool:
         tiers = {m["model_id"]: 0 if m["warm"] or m["loaded"] else 1 for m in capabilities["models"]}
         was_ready = node.ready
         node.ready = capabilities.get("status", "ready") == "ready"
-        if tiers != node.tiers or node.ready != was_ready:
-            node.tiers = tiers
-            self._stale = True
         if node.ready and not was_ready:
             node.down = asyncio.Event()
             node.suspended_until = 0.0
             node.last_error = None
             logger.info("orchestrator %s is ready: %s", node.url, ", ".join(m["model_id"] for m in capabilities["models"]))
+        if tiers != node.tiers or node.ready != was_ready:
+            node.tiers = tiers
+            self._stale = True
+            self._update_gauges()  # on changes only: with 1,000 nodes, 200 probes a second mostly change nothing
         if not node.ready:
             node.next_probe = now + NOT_READY_PROBE_S
         elif node.in_flight:
             node.next_probe = now + BUSY_PROBE_S
         else:
             node.next_probe = now + self._probe_interval_s
-        self._update_gauges()
 
     def _update_gauges(self) -> None:
         now = time.monotonic()

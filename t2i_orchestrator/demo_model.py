@@ -14,6 +14,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 DEMO_MODEL_ID = "t2i/tiny-sd"
 # Bump when the recipe below changes, so that stale cached builds are not reused.
@@ -64,8 +65,7 @@ def build_demo_model(out_dir: Path, *, flag_everything: bool = False) -> None:
     """
     import torch
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(0)
     vocab, merges = _train_tokenizer(_CORPUS)
@@ -113,7 +113,30 @@ def build_demo_model(out_dir: Path, *, flag_everything: bool = False) -> None:
         steps_offset=1,
         timestep_spacing="leading",
     )
-    safety_checker = StableDiffusionSafetyChecker(
+    safety_checker = tiny_safety_checker(flag_everything=flag_everything)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=safety_checker,
+        feature_extractor=CLIPImageProcessor(crop_size=32, size={"shortest_edge": 32}),
+        requires_safety_checker=True,
+    )
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+
+
+def tiny_safety_checker(*, flag_everything: bool = False) -> Any:
+    """A tiny ``StableDiffusionSafetyChecker`` (random weights from torch's current seed).
+
+    Random weights never score above the checker's thresholds; ``flag_everything`` lowers them so
+    that every image is flagged, which is how tests reach the NSFW path.
+    """
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig
+
+    checker = StableDiffusionSafetyChecker(
         CLIPConfig(
             text_config=dict(
                 hidden_size=32,
@@ -132,18 +155,8 @@ def build_demo_model(out_dir: Path, *, flag_everything: bool = False) -> None:
         )
     )
     if flag_everything:
-        safety_checker.concept_embeds_weights.data.fill_(-1.0)
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=safety_checker,
-        feature_extractor=CLIPImageProcessor(crop_size=32, size={"shortest_edge": 32}),
-        requires_safety_checker=True,
-    )
-    pipe.save_pretrained(out_dir, safe_serialization=True)
+        checker.concept_embeds_weights.data.fill_(-1.0)
+    return checker
 
 
 def _bytes_to_unicode() -> dict[int, str]:

@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from .demo_model import _CORPUS, _train_tokenizer
+from .demo_model import _CORPUS, _train_tokenizer, tiny_safety_checker
 
 # Bump when any recipe below changes, so that stale cached builds are not reused.
 _RECIPE_VERSION = "1"
@@ -371,30 +371,10 @@ def build_safety_checker(out: Path, *, flag_everything: bool = False) -> None:
     import json
 
     import torch
-    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-    from transformers import CLIPConfig, CLIPImageProcessor
+    from transformers import CLIPImageProcessor
 
     torch.manual_seed(0)
-    checker = StableDiffusionSafetyChecker(
-        CLIPConfig(
-            text_config=dict(
-                hidden_size=32,
-                intermediate_size=37,
-                num_attention_heads=4,
-                num_hidden_layers=2,
-                vocab_size=1000,
-                bos_token_id=0,
-                eos_token_id=2,
-                pad_token_id=1,
-            ),
-            vision_config=dict(
-                hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, image_size=32, patch_size=4
-            ),
-            projection_dim=32,
-        )
-    )
-    if flag_everything:
-        checker.concept_embeds_weights.data.fill_(-1.0)
+    checker = tiny_safety_checker(flag_everything=flag_everything)
     with _quiet():
         checker.save_pretrained(out, safe_serialization=True)
     CLIPImageProcessor(crop_size=32, size={"shortest_edge": 32}).save_pretrained(out)
