@@ -48,6 +48,10 @@ class OrchestratorMetrics:
         self.loaded_models = Gauge(
             "loaded_models", "Models loaded on the device.", namespace=ns, registry=self.registry
         )
+        self.batch_size = Histogram(
+            "batch_size_images", "Images made by one pipeline call (requests batched together, --max-batch).",
+            buckets=(1, 2, 4, 8, 16, 32, 64), namespace=ns, registry=self.registry,
+        )
 
 
 class GatewayMetrics:

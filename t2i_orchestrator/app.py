@@ -26,8 +26,8 @@ from t2i_common.server import DRAIN, STOP, Drain, Stop
 from t2i_common.sse import EVENT_STREAM, Notify, respond_with_events, wants_events
 
 from .config import OrchestratorConfig
-from .device import DeviceQueue, StopCheck
-from .engine import GeneratedImage, InferenceEngine
+from .device import DeviceQueue
+from .engine import Generation, InferenceEngine
 from .loras import LoraFetcher, LoraHub
 from .storage import IMAGE_ID_PATTERN, IMAGE_NAME_PATTERN, ImageStore
 
@@ -97,10 +97,11 @@ def create_app(
 
 
 async def _device_queue(app: web.Application) -> AsyncIterator[None]:
-    device = DeviceQueue(app[METRICS], max_queue=app[CONFIG].max_queue, node_id=app[CONFIG].node_id)
+    config = app[CONFIG]
+    device = DeviceQueue(app[METRICS], app[ENGINE], max_queue=config.max_queue, max_batch=config.max_batch, node_id=config.node_id)
     app[DEVICE] = device
     yield
-    await asyncio.to_thread(device.shutdown)
+    await device.close()
     await asyncio.to_thread(app[ENGINE].unload_all)
 
 
@@ -127,7 +128,7 @@ async def _load_warm_models(app: web.Application) -> None:
         for spec in app[CONFIG].models:
             if spec.warm:
                 # Load and generate once, so that the first real request pays for no lazy set-up.
-                await _run_on_device(app, spec.model_id, lambda stop, m=spec.model_id: engine.generate(WARM_UP_REQUEST, m, 0, stop))
+                await app[DEVICE].generate(Generation(WARM_UP_REQUEST, spec.model_id, 0))
                 logger.info("model %s is warm", spec.model_id)
     except Exception as exc:
         message = exc.message if isinstance(exc, APIError) else f"{type(exc).__name__}: {exc}"
@@ -240,16 +241,9 @@ async def _generate(
     request: web.Request, job: TextToImageRequest, model_id: str, seed: int, notify: Notify | None
 ) -> dict[str, Any]:
     app = request.app
-    config, engine = app[CONFIG], app[ENGINE]
-    on_step = None
-    if notify:
-        loop = asyncio.get_running_loop()
-
-        def on_step(step: int, steps: int) -> None:  # on the device thread
-            loop.call_soon_threadsafe(notify, "progress", {"step": step, "steps": steps})
-
+    config = app[CONFIG]
     started = time.monotonic()
-    images = await _run_on_device(app, model_id, lambda stop: engine.generate(job, model_id, seed, stop, on_step), notify)
+    images = await app[DEVICE].generate(Generation(job, model_id, seed), notify=notify)
     app[METRICS].images.labels(model_id).inc(len(images))
     image_id, names = await app[STORE].save([image.png for image in images])
     logger.info(
@@ -321,25 +315,6 @@ def _resolve_model(config: OrchestratorConfig, model_id: str) -> str:
     if model_id not in offered:
         raise BadRequest(f"Model {model_id!r} is not offered by this node; it offers: {', '.join(offered)}.")
     return model_id
-
-
-async def _run_on_device(
-    app: web.Application, model_id: str, generate: Callable[[StopCheck], list[GeneratedImage]], notify: Notify | None = None
-) -> list[GeneratedImage]:
-    """Load ``model_id`` if needed, then ``generate``, on the device thread, timing both."""
-    engine, metrics_ = app[ENGINE], app[METRICS]
-
-    def work(stop: StopCheck) -> list[GeneratedImage]:
-        started = time.monotonic()
-        if engine.load(model_id):
-            metrics_.model_load.labels(model_id).observe(time.monotonic() - started)
-            metrics_.loaded_models.set(len(engine.loaded_models()))
-        started = time.monotonic()
-        images = generate(stop)
-        metrics_.inference.labels(model_id).observe(time.monotonic() - started)
-        return images
-
-    return await app[DEVICE].run(work, label=model_id, notify=notify)
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

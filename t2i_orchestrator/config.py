@@ -40,6 +40,13 @@ OPTIONS = (
     Option("storage-dir", "folder for generated images (default: <cache-dir>/images/<port>)", type=Path),
     Option("image-ttl", "seconds an image stays downloadable", type=positive(float), default=3600.0),
     Option("max-queue", "requests that may wait for the device; beyond: 503 with Retry-After", type=int, default=8),
+    Option(
+        "max-batch",
+        "images one pipeline call may make for compatible requests waiting together, where this device measures "
+        "that batching pays; 1: never batch (images bit-exact with an idle node's)",
+        type=positive(int),
+        default=8,
+    ),
     Option("max-loaded-models", "models kept loaded; least recently used on-demand ones are evicted", type=positive(int), default=2),
     *secret_options("secret", "require 'Authorization: Bearer <secret>' on every endpoint but /health and /metrics"),
     Option("threads", "torch CPU threads (default: torch's choice, with passive OpenMP waiting)", type=positive(int)),
@@ -84,6 +91,7 @@ class OrchestratorConfig:
     storage_dir: Path = field(default_factory=lambda: default_cache_dir() / "images" / "8936")
     image_ttl_s: float = 3600.0
     max_queue: int = 8
+    max_batch: int = 8
     max_loaded_models: int = 2
     secret: str | None = None
     threads: int | None = None
@@ -142,6 +150,7 @@ def load_config(argv: Sequence[str] | None = None) -> OrchestratorConfig:
         storage_dir=values["storage_dir"] or cache_dir / "images" / str(values["port"]),
         image_ttl_s=values["image_ttl"],
         max_queue=values["max_queue"],
+        max_batch=values["max_batch"],
         max_loaded_models=values["max_loaded_models"],
         secret=read_secret(values, "secret"),
         threads=values["threads"],

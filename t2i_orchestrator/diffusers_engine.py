@@ -10,7 +10,7 @@ import logging
 import os
 import re
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +33,7 @@ from t2i_common.schemas import TextToImageRequest
 
 from . import model_files
 from .demo_model import DEMO_MODEL_ID, ensure_demo_model
-from .engine import GeneratedImage, GenerationCancelled, ModelUnavailable, OutOfMemory
+from .engine import GeneratedImage, Generation, GenerationCancelled, ModelUnavailable, OutOfMemory
 from .models import ModelProfile, ModelSpec, dtype_for, profile_for
 
 logger = logging.getLogger(__name__)
@@ -145,6 +145,20 @@ class DiffusersEngine:
         self._loaded_ids = ()
         self._free_device_cache()
 
+    def batch_key(self, generation: Generation) -> Hashable | None:
+        request, spec = generation.request, self._specs[generation.model_id]
+        profile = profile_for(spec)
+        return (
+            generation.model_id,
+            request.width,
+            request.height,
+            profile.steps_for(request),
+            profile.guidance_for(request),
+            request.loras,
+            profile.negative_prompt and bool(request.negative_prompt),
+            self._checks_safety(request, generation.model_id),
+        )
+
     def generate(
         self,
         request: TextToImageRequest,
@@ -153,14 +167,24 @@ class DiffusersEngine:
         should_stop: Callable[[], bool],
         on_step: Callable[[int, int], None] | None = None,
     ) -> list[GeneratedImage]:
+        [images] = self.generate_batch([Generation(request, model_id, seed)], should_stop, on_step)
+        return images
+
+    def generate_batch(
+        self,
+        generations: Sequence[Generation],
+        should_stop: Callable[[], bool],
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> list[list[GeneratedImage]]:
         if should_stop():
             raise GenerationCancelled()
-        self.check(request, model_id)
-        self.load(model_id)
-        model = self._loaded[model_id]
+        first = generations[0]
+        for generation in generations:
+            self.check(generation.request, generation.model_id)
+        self.load(first.model_id)
+        model = self._loaded[first.model_id]
         profile = model.profile
-        steps = profile.steps_for(request)
-        n = request.num_images_per_prompt
+        steps = profile.steps_for(first.request)
 
         def after_step(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
             if should_stop():
@@ -169,27 +193,37 @@ class DiffusersEngine:
                 on_step(step + 1, steps)
             return tensors
 
+        # One prompt per image, so that requests with several images and several requests share the call;
+        # one CPU generator per image: image i of a request depends only on its seed + i, on any device.
+        counts = [generation.request.num_images_per_prompt for generation in generations]
         kwargs: dict[str, Any] = dict(
-            prompt=request.prompt,
-            width=request.width,
-            height=request.height,
+            prompt=[g.request.prompt for g, n in zip(generations, counts) for _ in range(n)],
+            width=first.request.width,
+            height=first.request.height,
             num_inference_steps=steps,
-            guidance_scale=profile.guidance_for(request),
-            num_images_per_prompt=n,
-            # One CPU generator per image: image i depends only on seed + i, on any device.
-            generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(n)],
+            guidance_scale=profile.guidance_for(first.request),
+            generator=[torch.Generator("cpu").manual_seed(g.seed + i) for g, n in zip(generations, counts) for i in range(n)],
             callback_on_step_end=after_step,
         )
-        if profile.negative_prompt and request.negative_prompt:
-            kwargs["negative_prompt"] = request.negative_prompt
-        check_safety = self._has_safety_checker(model_id) if request.safety_check is None else request.safety_check
-        with self._device_errors(f"generating with {model_id}"), self._loras(model.pipe, request.loras):
+        if profile.negative_prompt and first.request.negative_prompt:
+            kwargs["negative_prompt"] = [g.request.negative_prompt for g, n in zip(generations, counts) for _ in range(n)]
+        check_safety = self._checks_safety(first.request, first.model_id)
+        with self._device_errors(f"generating with {first.model_id}"), self._loras(model.pipe, first.request.loras):
             try:
                 images = model.pipe(**kwargs).images
             finally:
                 _restore_vae_dtype(model.pipe)
-            nsfw = self._safety_flags(model, images) if check_safety else [False] * n
-        return [GeneratedImage(_encode_png(image), seed + i, flag) for i, (image, flag) in enumerate(zip(images, nsfw))]
+            nsfw = self._safety_flags(model, images) if check_safety else [False] * len(images)
+        results, start = [], 0
+        for generation, n in zip(generations, counts):
+            results.append(
+                [GeneratedImage(_encode_png(images[start + i]), generation.seed + i, nsfw[start + i]) for i in range(n)]
+            )
+            start += n
+        return results
+
+    def _checks_safety(self, request: TextToImageRequest, model_id: str) -> bool:
+        return self._has_safety_checker(model_id) if request.safety_check is None else request.safety_check
 
     # -- loading -------------------------------------------------------------------------------
 

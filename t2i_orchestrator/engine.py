@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -18,6 +18,15 @@ class GeneratedImage:
     png: bytes
     seed: int
     nsfw: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Generation:
+    """One request's work: its images are seeds ``seed``, ``seed + 1``, ..."""
+
+    request: TextToImageRequest
+    model_id: str
+    seed: int
 
 
 class GenerationCancelled(Exception):
@@ -70,6 +79,21 @@ class InferenceEngine(Protocol):
         ``on_step(i, n)`` is called (on the device thread) after each of the n denoising steps. Raises ``GenerationCancelled`` once ``should_stop()`` turns true, ``OutOfMemory`` when the
         device runs out of memory, and other ``APIError``s for problems the client can act on.
         """
+        ...
+
+    def batch_key(self, generation: Generation) -> Hashable | None:
+        """What must be equal for generations to share one pipeline call (model, size, steps, guidance,
+        LoRAs, negative prompt or not, safety check); None: never batched. Cheap: called on the event loop."""
+        ...
+
+    def generate_batch(
+        self,
+        generations: Sequence[Generation],
+        should_stop: Callable[[], bool],
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> list[list[GeneratedImage]]:
+        """``generate`` for generations with one ``batch_key``, in one pipeline call; each one's images,
+        in order. ``should_stop`` stops the whole call (the caller asks it once every member has left)."""
         ...
 
     def unload_all(self) -> None: ...

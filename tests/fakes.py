@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 
 from aiohttp import web
 from PIL import Image
@@ -13,7 +13,7 @@ from PIL import Image
 from t2i_common.errors import BadRequest
 from t2i_common.schemas import TextToImageRequest
 from t2i_common.sse import encode
-from t2i_orchestrator.engine import GeneratedImage, GenerationCancelled
+from t2i_orchestrator.engine import GeneratedImage, Generation, GenerationCancelled
 
 
 def solid_png(width: int, height: int, shade: int) -> bytes:
@@ -36,6 +36,8 @@ class FakeEngine:
         self.start_error: Exception | None = None  # raised by start()
         self.load_errors: dict[str, Exception] = {}  # model id -> what loading it raises
         self.refuse: dict[str, str] = {}  # model id -> the 400 message check() gives
+        self.batching = False  # whether batch_key lets compatible generations share a call
+        self.batches: list[list[int]] = []  # the seeds of each call, in order
         self._loaded: tuple[str, ...] = ()
 
     def loaded_models(self) -> tuple[str, ...]:
@@ -78,6 +80,22 @@ class FakeEngine:
                 raise GenerationCancelled()
         n = request.num_images_per_prompt
         return [GeneratedImage(solid_png(request.width, request.height, seed + i), seed + i, False) for i in range(n)]
+
+    def batch_key(self, generation: Generation) -> Hashable | None:
+        request = generation.request
+        return (generation.model_id, request.width, request.height, request.num_inference_steps) if self.batching else None
+
+    def generate_batch(
+        self,
+        generations: Sequence[Generation],
+        should_stop: Callable[[], bool],
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> list[list[GeneratedImage]]:
+        self.batches.append([g.seed for g in generations])
+        if len(generations) == 1:
+            g = generations[0]
+            return [self.generate(g.request, g.model_id, g.seed, should_stop, on_step)]
+        return [self.generate(g.request, g.model_id, g.seed, should_stop, on_step if i == 0 else None) for i, g in enumerate(generations)]
 
     def unload_all(self) -> None:
         self._loaded = ()

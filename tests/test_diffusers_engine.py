@@ -87,6 +87,23 @@ def test_a_lora_that_does_not_fit_the_model_is_a_400_and_the_engine_still_works(
     assert generate(engine, seed=3)[0].png == generate(engine, seed=3)[0].png
 
 
+def test_a_batch_makes_each_request_its_own_images_nearly_as_alone(engine: Any) -> None:
+    from t2i_orchestrator.engine import Generation
+
+    generations = [
+        Generation(TextToImageRequest(prompt=prompt, width=64, height=64, num_images_per_prompt=n), DEMO_MODEL_ID, seed)
+        for prompt, n, seed in (("a cat", 1, 5), ("a dog", 2, 50), ("a lighthouse", 1, 7))
+    ]
+    batched = engine.generate_batch(generations, never)
+    assert [[image.seed for image in images] for images in batched] == [[5], [50, 51], [7]]
+    for generation, images in zip(generations, batched):
+        alone = engine.generate_batch([generation], never)[0]
+        for together, by_itself in zip(images, alone):
+            # The same seed gives the same picture; batched arithmetic may differ in the last bit.
+            assert ImageChops.difference(pixels(together.png), pixels(by_itself.png)).getextrema() <= ((0, 2),) * 3
+    assert batched[0][0].png != batched[2][0].png
+
+
 def test_least_recently_used_on_demand_model_is_evicted(engine: Any) -> None:
     engine.load(DEMO_MODEL_ID)
     assert engine.load("tiny/b") is True
