@@ -80,6 +80,10 @@ class GatewayMetrics:
         self.in_flight = Gauge(
             "in_flight", "Text-to-image requests being handled.", namespace=ns, registry=self.registry
         )
+        self.queued = Gauge(
+            "queued", "Requests waiting at the gateway for a free slot on a node (--max-queued).",
+            namespace=ns, registry=self.registry,
+        )
         self.stream_bytes = Counter(
             "stream_bytes", "Image bytes proxied through /stream.", namespace=ns, registry=self.registry
         )

@@ -73,6 +73,7 @@ def create_app(
         secret=config.orchestrator_secret,
         probe_interval_s=config.probe_interval_s,
         probe_timeout_s=config.probe_timeout_s,
+        max_queued=config.max_queued,
     )
     app[SIGNER] = StreamSigner(stream_secret, config.image_ttl_s)
     app[SCHEMA] = build_request_schema(config.limits)
@@ -177,7 +178,7 @@ def _admit(request: web.Request, body: bytes) -> tuple[_Job, str]:
     offered = pool.models_on_offer()
     if offered and model_id not in offered:
         raise BadRequest(f"Model {model_id!r} is not offered by any orchestrator; on offer: {', '.join(offered)}.")
-    if pool.select(model_id, exclude=set()) is None:
+    if not pool.can_admit(model_id):
         raise ServiceUnavailable(
             f"Every orchestrator that serves {model_id!r} is busy, suspended or down; retry later.",
             retry_after=retry_after_s(pool.healthy()),
@@ -223,11 +224,14 @@ async def _generate(
     tried: set[str] = set()
     last: AttemptResult | None = None
     while trace.attempts < config.max_attempts:
-        node = pool.select(model_id, exclude=tried)
+        # Every suitable node full: wait for the first free slot, in arrival order (--queue-timeout).
+        wait_s = min(config.queue_timeout_s, deadline - time.monotonic())
+        node = await pool.acquire(model_id, tried, timeout_s=max(0.0, wait_s), notify=notify)
         if node is None:
             break
         remaining = deadline - time.monotonic()
         if remaining <= 0:
+            pool.release(node)
             raise GatewayTimeout(f"No orchestrator answered within the request's {config.request_timeout_s:.0f} s deadline.")
         if last is not None:
             metrics_.retries.inc()
@@ -238,7 +242,6 @@ async def _generate(
         tried.add(node.url)
         if notify:
             notify("started", {"node": node.url})
-        node.in_flight += 1
         started = time.monotonic()
         try:
             last = await attempt(
@@ -251,7 +254,7 @@ async def _generate(
                 on_event=notify,
             )
         finally:
-            node.in_flight -= 1
+            pool.release(node)
         metrics_.attempts.labels(node.url, last.outcome).inc()
         if last.outcome != "ok":
             logger.info("request %s: attempt on %s: %s %s", trace.request_id, node.url, last.outcome, last.reason)

@@ -48,6 +48,14 @@ OPTIONS = (
     *secret_options("stream-secret", "secret that signs /stream ids; gateways behind one load balancer must share it (default: random)"),
     Option("image-ttl", "seconds a returned image URL stays valid", type=positive(float), default=3600.0),
     Option("max-in-flight", "text-to-image requests handled at once; beyond, 503 at once", type=positive(int), default=256),
+    Option(
+        "max-queued",
+        "requests that may wait at the gateway, in arrival order, for a slot when every suitable node is full; "
+        "beyond, 503 at once; 0: never wait",
+        type=int,
+        default=64,
+    ),
+    Option("queue-timeout", "seconds a request waits for a free slot before its 503", type=positive(float), default=30.0),
     Option("max-attempts", "orchestrators tried per request", type=positive(int), default=3),
     Option("request-timeout", "overall deadline of a request, generation and retries included (seconds)", type=positive(float), default=300.0),
     Option("connect-timeout", "seconds to connect to an orchestrator", type=positive(float), default=2.0),
@@ -76,6 +84,8 @@ class GatewayConfig:
     stream_secret: str | None = None
     image_ttl_s: float = 3600.0
     max_in_flight: int = 256
+    max_queued: int = 64
+    queue_timeout_s: float = 30.0
     max_attempts: int = 3
     request_timeout_s: float = 300.0
     connect_timeout_s: float = 2.0
@@ -115,6 +125,8 @@ def load_config(argv: Sequence[str] | None = None) -> GatewayConfig:
             raise ConfigError(f"--registry {registry.location}: {exc}") from None
     if values["orchestrator_ca"] and not values["orchestrator_ca"].is_file():
         raise ConfigError(f"--orchestrator-ca: {values['orchestrator_ca']} is not a file")
+    if values["max_queued"] < 0:
+        raise ConfigError(f"--max-queued must be 0 or more, got {values['max_queued']}")
     if bool(values["tls_cert"]) != bool(values["tls_key"]):
         raise ConfigError("--tls-cert and --tls-key go together")
     return GatewayConfig(
@@ -131,6 +143,8 @@ def load_config(argv: Sequence[str] | None = None) -> GatewayConfig:
         stream_secret=read_secret(values, "stream-secret"),
         image_ttl_s=values["image_ttl"],
         max_in_flight=values["max_in_flight"],
+        max_queued=values["max_queued"],
+        queue_timeout_s=values["queue_timeout"],
         max_attempts=values["max_attempts"],
         request_timeout_s=values["request_timeout"],
         connect_timeout_s=values["connect_timeout"],

@@ -14,7 +14,7 @@ import logging
 import math
 import random
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +22,7 @@ import aiohttp
 
 from discovery import Discovery, Endpoint
 from metrics import GatewayMetrics
+from t2i_common.sse import Notify
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,14 @@ DISCOVERY_REFRESH_S = 1.0
 DISCOVERY_TIMEOUT_S = 5.0
 MAX_SUSPENSION_S = 60.0
 SAMPLE = 8  # nodes drawn per selection in a large fleet
+
+
+@dataclass(eq=False)
+class _Waiter:
+    model_id: str
+    exclude: set[str]
+    future: asyncio.Future[Node]
+    notify: Notify | None
 
 
 @dataclass(eq=False)
@@ -76,8 +85,11 @@ class NodePool:
         secret: str | None = None,
         probe_interval_s: float = 5.0,
         probe_timeout_s: float = 3.0,
+        max_queued: int = 0,
     ) -> None:
         self.discovery = discovery
+        self.max_queued = max_queued
+        self._waiters: deque[_Waiter] = deque()  # requests waiting for a free slot, in arrival order
         self.nodes: dict[str, Node] = {}
         self._metrics = metrics
         self._secret = secret
@@ -112,6 +124,72 @@ class NodePool:
             if node is not None:
                 return node
         return None
+
+    # -- slots --------------------------------------------------------------------------------
+
+    def can_admit(self, model_id: str) -> bool:
+        """Whether a request for ``model_id`` can start now, or wait in the queue for a slot."""
+        if self.select(model_id, exclude=set()) is not None and not self._waiting_for(model_id):
+            return True
+        return len(self._waiters) < self.max_queued and self._serves(model_id, exclude=set())
+
+    async def acquire(self, model_id: str, exclude: set[str], *, timeout_s: float, notify: Notify | None = None) -> Node | None:
+        """A node for ``model_id`` with a slot taken for this request (``release`` gives it back).
+
+        When every suitable node is full, the request waits for the first free slot, behind those that
+        came before it, for up to ``timeout_s``. None at once when no ready node serves the model (or the
+        queue is full), and None after the wait.
+        """
+        if not self._waiting_for(model_id):
+            node = self.select(model_id, exclude)
+            if node is not None:
+                node.in_flight += 1
+                return node
+        if len(self._waiters) >= self.max_queued or not self._serves(model_id, exclude):
+            return None
+        waiter = _Waiter(model_id, exclude, asyncio.get_running_loop().create_future(), notify)
+        self._waiters.append(waiter)
+        self._queue_moved()
+        try:
+            await asyncio.wait([waiter.future], timeout=timeout_s)
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+                self._queue_moved()
+            elif waiter.future.done() and asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                self.release(waiter.future.result())  # granted as its client left: give the slot on
+        return waiter.future.result() if waiter.future.done() else None
+
+    def release(self, node: Node) -> None:
+        """This request is done with ``node``: its slot goes to the first waiting request it suits."""
+        node.in_flight -= 1
+        self._grant()
+
+    def _grant(self) -> None:
+        granted = False
+        for waiter in list(self._waiters):
+            node = self.select(waiter.model_id, waiter.exclude)
+            if node is not None:
+                node.in_flight += 1
+                waiter.future.set_result(node)
+                self._waiters.remove(waiter)
+                granted = True
+        if granted:
+            self._queue_moved()
+
+    def _waiting_for(self, model_id: str) -> bool:
+        return any(waiter.model_id == model_id for waiter in self._waiters)
+
+    def _serves(self, model_id: str, exclude: set[str]) -> bool:
+        """Whether a ready node not in ``exclude`` offers the model (then waiting for it makes sense)."""
+        self._reindex()
+        return any(node.url not in exclude for tier in self._offer.get(model_id, ()) for node in tier)
+
+    def _queue_moved(self) -> None:
+        self._metrics.queued.set(len(self._waiters))
+        for position, waiter in enumerate(self._waiters):
+            if waiter.notify:
+                waiter.notify("queued", {"position": position})
 
     def models_on_offer(self) -> list[str]:
         """Every model any known node offers (as last seen), sorted."""
@@ -237,6 +315,8 @@ class NodePool:
             elif self.nodes[url].endpoint != endpoint:
                 self.nodes[url].endpoint = endpoint
         self._update_gauges()
+        if self._waiters:
+            self._grant()
 
     async def _probe(self, node: Node) -> None:
         assert self._session is not None
@@ -278,6 +358,8 @@ class NodePool:
             node.tiers = tiers
             self._stale = True
             self._update_gauges()  # on changes only: with 1,000 nodes, 200 probes a second mostly change nothing
+        if self._waiters:
+            self._grant()  # it may have room again
         if not node.ready:
             node.next_probe = now + NOT_READY_PROBE_S
         elif node.in_flight:

@@ -103,7 +103,8 @@ class FakeEngine:
 
 class FakeOrchestrator:
     """A fake node (a real aiohttp app on loopback) whose behaviour a test sets: ``mode`` is one of
-    ok, fail (500), busy (503), refuse (422), garbage (malformed JSON), wrong_types, hang."""
+    ok, fail (500), busy (503), refuse (422), garbage (malformed JSON), wrong_types, hang (probes
+    too), hold (generations only: they wait for ``release``, probes answer)."""
 
     def __init__(self, models: list[dict[str, object]] | None = None, *, capacity: int = 4, secret: str | None = None) -> None:
         self.models = models or [{"model_id": "m/warm", "pipeline": "text-to-image", "warm": True, "loaded": True}]
@@ -143,7 +144,7 @@ class FakeOrchestrator:
         body = await request.json()
         self.requests.append(body)
         self.headers.append(dict(request.headers))
-        if self.mode == "hang":
+        if self.mode in ("hang", "hold"):
             await self.release.wait()
         if self.mode == "fail":
             return web.json_response({"detail": {"msg": "boom"}}, status=500)

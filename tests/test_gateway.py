@@ -14,6 +14,8 @@ from metrics import GatewayMetrics
 from t2i_gateway.app import POOL, create_app
 from t2i_gateway.config import GatewayConfig
 
+from t2i_common.sse import read_events
+
 from .fakes import FakeOrchestrator
 from .helpers import BODY, ON_DEMAND, MakeGateway, wait_until
 
@@ -31,7 +33,7 @@ async def test_concurrent_requests_fill_nodes_by_free_capacity(make_gateway: Mak
     fakes = [FakeOrchestrator(capacity=4) for _ in range(3)]
     for fake in fakes:
         fake.mode = "hang"
-    gateway = await make_gateway(*fakes, wait_ready=False)
+    gateway = await make_gateway(*fakes, wait_ready=False, max_queued=0)  # no waiting: a full fleet refuses at once
     for fake in fakes:
         fake.mode = "ok"
     pool = gateway.client.app[POOL]  # type: ignore[index]
@@ -137,7 +139,7 @@ async def test_client_errors_pass_through_without_retry_or_blame(make_gateway: M
 async def test_busy_everywhere_is_a_503_with_retry_after(make_gateway: MakeGateway) -> None:
     a, b = FakeOrchestrator(), FakeOrchestrator()
     a.mode = b.mode = "busy"
-    gateway = await make_gateway(a, b)
+    gateway = await make_gateway(a, b, max_queued=0)  # no waiting at the gateway: today's 503
     response = await gateway.post()
     assert response.status == 503
     assert int(response.headers["Retry-After"]) >= 1
@@ -151,7 +153,7 @@ async def test_busy_everywhere_is_a_503_with_retry_after(make_gateway: MakeGatew
 async def test_full_capacity_is_a_503_without_any_attempt(make_gateway: MakeGateway) -> None:
     full = FakeOrchestrator(capacity=2)
     full.busy_report = 2
-    gateway = await make_gateway(full)
+    gateway = await make_gateway(full, max_queued=0)
     response = await gateway.post()
     assert response.status == 503 and "Retry-After" in response.headers
     assert full.requests == []
@@ -336,9 +338,63 @@ async def test_before_any_node_is_seen_a_named_model_is_a_503_not_a_400(make_gat
 async def test_refusals_before_any_attempt_are_counted(make_gateway: MakeGateway) -> None:
     full = FakeOrchestrator(capacity=1)
     full.busy_report = 1
-    gateway = await make_gateway(full)
+    gateway = await make_gateway(full, max_queued=0)
     assert (await gateway.post()).status == 503
     assert (await gateway.post({"prompt": ""})).status == 422
     registry = gateway.metrics.registry
     assert registry.get_sample_value("t2i_gateway_requests_total", {"status": "503", "model": "other"}) == 1
     assert registry.get_sample_value("t2i_gateway_requests_total", {"status": "422", "model": "other"}) == 1
+
+
+async def test_a_burst_on_a_full_fleet_waits_for_free_slots_in_arrival_order(make_gateway: MakeGateway) -> None:
+    node = FakeOrchestrator(capacity=1)
+    node.mode = "hold"
+    gateway = await make_gateway(node)
+    first = asyncio.create_task(gateway.post({**BODY, "seed": 0}))
+    await wait_until(lambda: len(node.requests) == 1)
+    waiting = []
+    for seed in (1, 2, 3):  # one after the other, so that their arrival order is known
+        waiting.append(asyncio.create_task(gateway.post({**BODY, "seed": seed})))
+        await wait_until(lambda: gateway.metrics.registry.get_sample_value("t2i_gateway_queued") == seed)
+    node.release.set()
+    assert [r.status for r in await asyncio.gather(first, *waiting)] == [200] * 4
+    assert [request["seed"] for request in node.requests] == [0, 1, 2, 3]
+    assert gateway.metrics.registry.get_sample_value("t2i_gateway_queued") == 0
+
+
+async def test_the_wait_is_bounded_by_the_queue_and_its_timeout(make_gateway: MakeGateway) -> None:
+    node = FakeOrchestrator(capacity=1)
+    node.mode = "hold"
+    gateway = await make_gateway(node, max_queued=1, queue_timeout_s=0.5)
+    first = asyncio.create_task(gateway.post())
+    await wait_until(lambda: len(node.requests) == 1)
+    second = asyncio.create_task(gateway.post())
+    await wait_until(lambda: gateway.metrics.registry.get_sample_value("t2i_gateway_queued") == 1)
+    refused = await gateway.post()  # the queue is full: refused at once, without waiting
+    assert refused.status == 503 and refused.headers["Retry-After"]
+    timed_out = await second  # waited its 0.5 s, then the usual 503
+    assert timed_out.status == 503 and timed_out.headers["Retry-After"]
+    assert len(node.requests) == 1
+    node.release.set()
+    assert (await first).status == 200
+
+
+async def test_a_waiting_client_hears_its_position_and_one_that_leaves_is_dropped(make_gateway: MakeGateway) -> None:
+    node = FakeOrchestrator(capacity=1)
+    node.mode = "hold"
+    gateway = await make_gateway(node)
+    queued = lambda: gateway.metrics.registry.get_sample_value("t2i_gateway_queued")  # noqa: E731
+    first = asyncio.create_task(gateway.post({**BODY, "seed": 0}))
+    await wait_until(lambda: len(node.requests) == 1)
+    leaving = asyncio.create_task(gateway.post({**BODY, "seed": 1}))
+    await wait_until(lambda: queued() == 1)
+    events = await gateway.client.post("/text-to-image", json={**BODY, "seed": 2}, headers={"Accept": "text/event-stream"})
+    reader = read_events(events.content)
+    assert await anext(reader) == ("queued", {"position": 1})
+    leaving.cancel()
+    await wait_until(lambda: queued() == 1)  # the one that left is out of the queue ...
+    assert await anext(reader) == ("queued", {"position": 0})  # ... and the one behind it moved up
+    node.release.set()
+    assert (await first).status == 200
+    rest = [event async for event in reader]
+    assert rest[-1][0] == "result" and [r["seed"] for r in node.requests] == [0, 2]
