@@ -203,6 +203,11 @@ def _parse_loras(text: str, limits: Limits) -> tuple[tuple[str, float], ...]:
 
 def parse_request(body: bytes, content_type: str | None, schema: Schema) -> TextToImageRequest:
     """Decode and validate a request body, raising the API's 400, 415 or 422 errors."""
+    return validate_request(decode_body(body, content_type), schema)
+
+
+def decode_body(body: bytes, content_type: str | None) -> dict[str, Any]:
+    """The JSON object in a request body (400 or 415 otherwise), decoded once."""
     media_type = (content_type or "application/json").split(";")[0].strip().lower()
     if media_type != "application/json" and not media_type.endswith("+json"):
         raise UnsupportedMediaType(f"The body must be JSON: send 'Content-Type: application/json', not {media_type!r}.")
@@ -212,6 +217,11 @@ def parse_request(body: bytes, content_type: str | None, schema: Schema) -> Text
         raise BadRequest(f"The body is not valid JSON: {exc}.") from None
     if not isinstance(data, dict):
         raise BadRequest("The body must be a JSON object with at least a 'prompt' field.")
+    return data
+
+
+def validate_request(data: dict[str, Any], schema: Schema) -> TextToImageRequest:
+    """The checked request (422 naming every problem field)."""
     try:
         request: TextToImageRequest = schema.load(data)
     except ValidationError as exc:

@@ -34,7 +34,7 @@ from t2i_common.errors import (
     error_middleware,
 )
 from t2i_common.logs import prompt_for_log
-from t2i_common.schemas import TextToImageRequest, build_request_schema, parse_request
+from t2i_common.schemas import TextToImageRequest, build_request_schema, decode_body, validate_request
 from t2i_common.server import DRAIN, Drain
 from t2i_common.sse import Notify, respond_with_events, wants_events
 
@@ -171,7 +171,8 @@ def _admit(request: web.Request, body: bytes) -> tuple[_Job, str]:
     if app[DRAIN].in_flight > config.max_in_flight:  # this request is counted already
         raise ServiceUnavailable(f"The gateway is handling {config.max_in_flight} requests already; retry shortly.", retry_after=1)
     _check_api_key(config, request)
-    job = parse_request(body, request.headers.get("Content-Type"), app[SCHEMA])
+    raw = decode_body(body, request.headers.get("Content-Type"))  # decoded once: validated, then forwarded
+    job = validate_request(raw, app[SCHEMA])
     model_id = job.model_id or config.default_model or pool.default_model()
     if not model_id:
         raise ServiceUnavailable("No orchestrator is ready yet to say which models it serves; retry shortly.", retry_after=2)
@@ -183,7 +184,7 @@ def _admit(request: web.Request, body: bytes) -> tuple[_Job, str]:
             f"Every orchestrator that serves {model_id!r} is busy, suspended or down; retry later.",
             retry_after=retry_after_s(pool.healthy()),
         )
-    return _Job(job, json.loads(body)), model_id
+    return _Job(job, raw), model_id
 
 
 async def _observed(
