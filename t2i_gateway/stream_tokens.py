@@ -36,7 +36,7 @@ def _unb64(text: str) -> bytes:
 
 class StreamSigner:
     def __init__(self, secret: bytes, ttl_s: float) -> None:
-        self._secret = secret
+        self._keyed = hmac.new(secret, digestmod=hashlib.sha256)  # copied per token: the key is set up once
         self.ttl_s = ttl_s
 
     def sign(self, target: StreamTarget) -> str:
@@ -58,4 +58,6 @@ class StreamSigner:
         return StreamTarget(node_url, path)
 
     def _mac(self, payload: str) -> str:
-        return _b64(hmac.new(self._secret, payload.encode(), hashlib.sha256).digest()[:18])
+        mac = self._keyed.copy()
+        mac.update(payload.encode())
+        return _b64(mac.digest()[:18])
