@@ -3,7 +3,7 @@
     python -m bench.batching [--sizes 64,256,512] [--clients 1,4,8] [--rounds 4]
 
 For each size and number of concurrent clients, the same requests go to a node started with
-``--max-batch 1`` and to one started with ``--max-batch 8``, one node at a time; each node first gets
+``--max-batch 1`` and to one started with ``--max-batch 8``, in alternating turns; each node first gets
 untimed requests at that size, so that its batch policy has measured what pays there before the
 timed part. Prints a table and a summary line of on/off ratios. Goals: never below 0.95x, and at
 least 2x at 64x64 with 8 clients (2 CPU cores).
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -45,21 +46,33 @@ async def _burst(url: str, size: int, clients: int, requests: int) -> float:
         return requests / (time.monotonic() - started)
 
 
-async def measure(sizes: list[int], clients: list[int], rounds: int, workdir: Path) -> dict[tuple[int, int, int], float]:
-    rates: dict[tuple[int, int, int], float] = {}
-    for max_batch in (1, 8):
-        node = launch(
+async def measure(sizes: list[int], clients: list[int], rounds: int, repeats: int, workdir: Path) -> dict[tuple[int, int, int], float]:
+    """Both nodes run side by side but are loaded in turn, alternating, so that the machine's drift
+    over the run falls on both; each figure is the median of ``repeats`` turns."""
+    nodes = {
+        max_batch: launch(
             ["-m", "t2i_orchestrator", "--cache-dir", str(workdir / "cache"), "--storage-dir", str(workdir / f"images-{max_batch}"),
              "--max-batch", str(max_batch), "--max-queue", "16", "--log-level", "warning"],
             workdir, f"node-batch-{max_batch}",
         )
-        try:
+        for max_batch in (1, 8)
+    }
+    rates: dict[tuple[int, int, int], float] = {}
+    try:
+        for node in nodes.values():
             await wait_healthy(node)
-            for size in sizes:
+        for size in sizes:
+            for node in nodes.values():
                 await _burst(node.url, size, max(clients), 6 * max(clients))  # untimed: the policy learns this size
-                for count in clients:
-                    rates[(max_batch, size, count)] = await _burst(node.url, size, count, rounds * count)
-        finally:
+            for count in clients:
+                turns: dict[int, list[float]] = {1: [], 8: []}
+                for _ in range(repeats):
+                    for max_batch, node in nodes.items():
+                        turns[max_batch].append(await _burst(node.url, size, count, rounds * count))
+                for max_batch, figures in turns.items():
+                    rates[(max_batch, size, count)] = statistics.median(figures)
+    finally:
+        for node in nodes.values():
             node.stop()
     return rates
 
@@ -68,12 +81,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.batching", description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="64,256,512", help="image sizes, comma-separated")
     parser.add_argument("--clients", default="1,4,8", help="concurrent clients, comma-separated")
-    parser.add_argument("--rounds", type=int, default=4, help="requests per client in each timed run")
+    parser.add_argument("--rounds", type=int, default=3, help="requests per client in each timed turn")
+    parser.add_argument("--repeats", type=int, default=3, help="timed turns per node and cell (the median counts)")
     args = parser.parse_args(argv)
     sizes = [int(x) for x in args.sizes.split(",")]
     clients = [int(x) for x in args.clients.split(",")]
     with tempfile.TemporaryDirectory(prefix="t2i-bench-batching-") as folder:
-        rates = asyncio.run(measure(sizes, clients, args.rounds, Path(folder)))
+        rates = asyncio.run(measure(sizes, clients, args.rounds, args.repeats, Path(folder)))
     print("| size | clients | images/s, --max-batch 1 | images/s, --max-batch 8 | ratio |")
     print("| --- | --- | --- | --- | --- |")
     ratios = {}
