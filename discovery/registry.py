@@ -40,7 +40,7 @@ def parse_registry(text: str) -> list[Registration]:
     """Parse and check a registry file's text; RegistryError names the first problem."""
     try:
         data = json.loads(text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise RegistryError(f"not valid JSON: {exc}") from None
     if not isinstance(data, dict) or set(data) != {"orchestrators"} or not isinstance(data["orchestrators"], list):
         raise RegistryError('must be an object with one key, "orchestrators", holding a list')

@@ -120,11 +120,16 @@ async def nodes(session: aiohttp.ClientSession, gateway: str, args: argparse.Nam
 
 
 def parser() -> argparse.ArgumentParser:
+    # The global options are taken before or after the subcommand, as people type them: the root sets
+    # the defaults, and each subcommand's copy only overrides them when given (SUPPRESS).
+    shared = argparse.ArgumentParser(add_help=False)
+    shared.add_argument("--gateway", default=argparse.SUPPRESS, help="gateway URL (env T2I_GATEWAY_URL)")
+    shared.add_argument("--api-key", default=argparse.SUPPRESS, help="API key (env T2I_API_KEY)")
     root = argparse.ArgumentParser(prog="t2i", description="Text-to-image from the command line, through a t2i gateway.")
     root.add_argument("--gateway", default=os.environ.get("T2I_GATEWAY_URL", DEFAULT_GATEWAY), help="gateway URL (env T2I_GATEWAY_URL)")
     root.add_argument("--api-key", default=os.environ.get("T2I_API_KEY"), help="API key (env T2I_API_KEY)")
     commands = root.add_subparsers(dest="command", required=True)
-    gen = commands.add_parser("generate", help="generate images, with a progress bar, and save them")
+    gen = commands.add_parser("generate", parents=[shared], help="generate images, with a progress bar, and save them")
     gen.add_argument("prompt")
     gen.add_argument("-o", "--output", type=Path, default=Path("image.png"), help="file to write (with -n > 1: NAME-1.png, ...)")
     gen.add_argument("--width", type=int, default=512)
@@ -136,8 +141,8 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--negative-prompt")
     gen.add_argument("-n", type=int, default=1, help="num_images_per_prompt")
     gen.set_defaults(run=generate)
-    commands.add_parser("models", help="the models on offer across the network").set_defaults(run=models)
-    commands.add_parser("nodes", help="the orchestrators the gateway knows, as it sees them").set_defaults(run=nodes)
+    commands.add_parser("models", parents=[shared], help="the models on offer across the network").set_defaults(run=models)
+    commands.add_parser("nodes", parents=[shared], help="the orchestrators the gateway knows, as it sees them").set_defaults(run=nodes)
     return root
 
 

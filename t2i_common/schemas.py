@@ -62,7 +62,7 @@ _ERROR_TYPES = {
 }
 
 
-class _StrictBoolean(fields.Boolean):
+class StrictBoolean(fields.Boolean):
     """JSON ``true`` or ``false`` only: not 1, "yes" or "on" (marshmallow's Boolean takes those)."""
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> bool:
@@ -124,7 +124,7 @@ def build_request_schema(limits: Limits) -> Schema:
             validate=validate.Length(max=limits.max_prompt_length),
             metadata={"description": "What not to draw (ignored when guidance is below 1)."},
         )
-        safety_check = _StrictBoolean(
+        safety_check = StrictBoolean(
             load_default=None,
             metadata={
                 "description": "Run the safety checker and report `nsfw`. Absent: checked wherever the node has a checker; "
@@ -183,7 +183,7 @@ def _parse_loras(text: str, limits: Limits) -> tuple[tuple[str, float], ...]:
         return ()
     try:
         loras = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise ValueError('Must be a JSON object in a string, like "{\\"repo/id\\": 1.0}".') from None
     if not isinstance(loras, dict):
         raise ValueError('Must be a JSON object mapping LoRA ids to weights, like "{\\"repo/id\\": 1.0}".')
@@ -215,6 +215,8 @@ def decode_body(body: bytes, content_type: str | None) -> dict[str, Any]:
         data = json.loads(body)
     except ValueError as exc:
         raise BadRequest(f"The body is not valid JSON: {exc}.") from None
+    except RecursionError:  # e.g. a list in a list, 100,000 levels deep: never a request
+        raise BadRequest("The body is not usable JSON: it is nested too deeply.") from None
     if not isinstance(data, dict):
         raise BadRequest("The body must be a JSON object with at least a 'prompt' field.")
     return data

@@ -84,7 +84,11 @@ async def read_events(content: aiohttp.StreamReader) -> AsyncIterator[tuple[str,
         line = raw.decode().rstrip("\r\n")
         if not line:
             if data:
-                yield event, json.loads("\n".join(data))
+                try:
+                    decoded = json.loads("\n".join(data))
+                except RecursionError:
+                    raise ValueError("an event's data is nested too deeply") from None
+                yield event, decoded
             event, data = "message", []
         elif line.startswith("event:"):
             event = line[6:].strip()

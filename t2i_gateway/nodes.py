@@ -327,7 +327,7 @@ class NodePool:
                 if response.status != 200:
                     raise ValueError(f"/capabilities answered {response.status}")
                 capabilities = _check_capabilities(await response.json(content_type=None))
-        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as exc:
+        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError, RecursionError) as exc:
             reason = f"probe: {str(exc) or type(exc).__name__}"
             if self.nodes.get(node.url) is not node:
                 return

@@ -122,7 +122,7 @@ def _classify(status: int, body: Any, expected_images: int) -> AttemptResult:
 def _json_or_none(raw: bytes) -> Any:
     try:
         return json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deeply to be an answer
         return None
 
 

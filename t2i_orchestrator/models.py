@@ -16,7 +16,7 @@ from marshmallow import RAISE, Schema, ValidationError, fields, post_load, valid
 
 from t2i_common.config import ConfigError
 from t2i_common.errors import BadRequest
-from t2i_common.schemas import TextToImageRequest
+from t2i_common.schemas import StrictBoolean, TextToImageRequest
 
 from .demo_model import DEMO_MODEL_ID
 
@@ -141,12 +141,12 @@ class _ModelSpecSchema(Schema):
 
     pipeline = fields.String(required=True, validate=validate.Equal(PIPELINE, error="Only 'text-to-image' is served."))
     model_id = fields.String(required=True, validate=validate.Length(min=1, max=256))
-    warm = fields.Boolean(load_default=False)
+    warm = StrictBoolean(load_default=False)
     capacity = fields.Integer(strict=True, load_default=1, validate=validate.Range(min=1, max=64))
     path = fields.String(load_default=None)
     dtype = fields.String(load_default=None, validate=validate.OneOf(DTYPES))
     optimization_flags = fields.Dict(
-        keys=fields.String(validate=validate.OneOf(OPTIMIZATION_FLAGS)), values=fields.Boolean(), load_default=dict
+        keys=fields.String(validate=validate.OneOf(OPTIMIZATION_FLAGS)), values=StrictBoolean(), load_default=dict
     )
     # Livepeer's pricing fields are accepted so that an existing aiModels.json loads; they have no effect here.
     variant = fields.String(load_default=None, validate=validate.Regexp(r"[\w-]+\Z", error="Must be a name such as 'fp16'."))
@@ -178,8 +178,8 @@ def load_models_file(path: Path) -> list[ModelSpec]:
         entries = json.loads(path.read_text())
     except OSError as exc:
         raise ConfigError(f"cannot read models file {path}: {exc.strerror}") from None
-    except ValueError as exc:
-        raise ConfigError(f"models file {path} is not valid JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        raise ConfigError(f"models file {path} is not valid JSON: {exc or 'nested too deeply'}") from None
     if not isinstance(entries, list) or not entries:
         raise ConfigError(f"models file {path} must be a non-empty JSON list of model objects")
     schema = _ModelSpecSchema()

@@ -58,3 +58,14 @@ async def test_models_and_nodes(make_gateway: MakeGateway, tmp_path: Path) -> No
     code, out, _ = await t2i(url, "nodes", cwd=tmp_path)
     assert code == 0 and len(out.splitlines()) == 3 and all("healthy" in line for line in out.splitlines())
     assert sum("loadable: m/warm" in line for line in out.splitlines()) == 1
+
+
+def test_global_options_are_taken_before_or_after_the_subcommand() -> None:
+    from t2i_cli.__main__ import parser
+
+    after = parser().parse_args(["generate", "a cat", "--gateway", "http://host:8935", "--api-key", "k"])
+    before = parser().parse_args(["--gateway", "http://host:8935", "--api-key", "k", "generate", "a cat"])
+    for args in (after, before):
+        assert (args.gateway, args.api_key, args.prompt) == ("http://host:8935", "k", "a cat")
+    assert parser().parse_args(["models", "--gateway", "http://other:1"]).gateway == "http://other:1"
+    assert parser().parse_args(["nodes"]).gateway  # the default (or T2I_GATEWAY_URL) when given nowhere

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from .fakes import FakeOrchestrator
+from .helpers import MakeClient, MakeGateway
 from .processes import start, wait_healthy
 
 pytestmark = pytest.mark.slow
@@ -58,3 +60,17 @@ def test_fuzzing_the_public_api_finds_nothing(tmp_path: Path) -> None:
     finally:
         gateway.stop()
         node.stop()
+
+
+DEEP = b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+
+
+async def test_json_nested_too_deeply_is_a_400_on_both_daemons(make_client: MakeClient, make_gateway: MakeGateway) -> None:
+    node = await make_client()
+    gateway = await make_gateway(FakeOrchestrator())
+    for client in (node, gateway.client):
+        response = await client.post("/text-to-image", data=DEEP, headers={"Content-Type": "application/json"})
+        assert response.status == 400 and "nested too deeply" in (await response.json())["detail"]["msg"]
+        loras = json.dumps({"prompt": "a", "loras": "[" * 100_000 + "]" * 100_000})
+        response = await client.post("/text-to-image", data=loras, headers={"Content-Type": "application/json"})
+        assert response.status == 422 and (await response.json())["detail"][0]["loc"] == ["body", "loras"]

@@ -90,3 +90,27 @@ async def test_gateway_drains_on_sigterm(tmp_path: Path, model_cache: Path) -> N
     finally:
         gateway.stop()
         node.stop()
+
+
+async def test_the_grace_bounds_a_shutdown_and_what_runs_longer_is_cut_off(tmp_path: Path, model_cache: Path) -> None:
+    node = start_node(tmp_path, model_cache, free_port(), "--shutdown-grace", "1")
+    long_job = {"prompt": "a long one", "width": 256, "height": 256, "num_inference_steps": 100}
+    async with aiohttp.ClientSession() as session:
+        in_flight = asyncio.create_task(session.post(f"{node.url}/text-to-image", json=long_job))
+        for _ in range(500):
+            async with session.get(f"{node.url}/capabilities") as response:
+                if (await response.json())["in_flight"]:
+                    break
+            await asyncio.sleep(0.02)
+        stopping = asyncio.get_running_loop().time()
+        node.process.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(node.process.wait, 60)
+        stopped_after = asyncio.get_running_loop().time() - stopping
+        with pytest.raises(aiohttp.ClientError):  # cut off: the connection closed without an answer
+            response = await in_flight
+            await response.read()
+            raise AssertionError(f"the request answered {response.status} after the grace")
+    assert code == 0
+    # 1 s of grace, then the cut-off job stops at its next step (the 100 steps take far longer).
+    assert stopped_after < 10, stopped_after
+    assert "cut off" in node.log.read_text()
