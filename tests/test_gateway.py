@@ -215,7 +215,9 @@ async def test_the_orchestrator_secret_and_request_id_are_sent(make_gateway: Mak
 async def test_a_wrong_orchestrator_secret_never_makes_the_node_usable(make_gateway: MakeGateway) -> None:
     fake = FakeOrchestrator(secret="node-secret")
     gateway = await make_gateway(fake, orchestrator_secret="wrong", wait_ready=False)
-    await asyncio.sleep(0.3)
+    nodes = gateway.client.app[POOL].nodes  # type: ignore[index]
+    await wait_until(lambda: any(node.last_error for node in nodes.values()))  # a probe ran, and was refused
+    assert "401" in next(iter(nodes.values())).last_error
     response = await gateway.post()
     assert response.status == 503 and fake.requests == []
     assert (await gateway.client.get("/health")).status == 503
@@ -282,7 +284,8 @@ async def test_health_waits_for_a_ready_orchestrator(make_gateway: MakeGateway) 
     fake = FakeOrchestrator()
     fake.status = "loading"
     gateway = await make_gateway(fake, wait_ready=False)
-    await asyncio.sleep(0.3)
+    nodes = gateway.client.app[POOL].nodes  # type: ignore[index]
+    await wait_until(lambda: any(node.capabilities for node in nodes.values()))  # probed: it said "loading"
     assert (await gateway.client.get("/health")).status == 503
     assert (await gateway.post()).status == 503
     fake.status = "ready"

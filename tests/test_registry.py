@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import subprocess
@@ -102,7 +103,7 @@ async def test_stale_heartbeats_are_ignored(tmp_path: Path) -> None:
     await discovery.refresh()
     assert [e.url for e in discovery.snapshot()] == ["http://fresh:1", "http://static:1"]
     discovery.heartbeat_ttl_s = 0.2  # time passes without the file changing: the fresh one goes stale
-    time.sleep(0.3)
+    await asyncio.sleep(0.3)
     assert await discovery.refresh() is True
     assert [e.url for e in discovery.snapshot()] == ["http://static:1"]
 
