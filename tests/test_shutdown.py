@@ -41,7 +41,11 @@ async def sigterm_during_a_request(daemon: Daemon, busy_url: str, post_url: str)
                     break
             await asyncio.sleep(0.02)
         daemon.process.send_signal(signal.SIGTERM)
-        await asyncio.sleep(0.3)
+        for _ in range(500):  # until the daemon says it is draining (not a guess at how long a signal takes)
+            async with session.get(f"{daemon.url}/health") as response:
+                if (await response.json())["status"] == "draining":
+                    break
+            await asyncio.sleep(0.01)
         async with session.post(post_url, json=SLOW) as refused:
             refused_status, message = refused.status, (await refused.json())["detail"]["msg"]
         response = await in_flight
