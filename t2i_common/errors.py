@@ -92,26 +92,38 @@ class InvalidFields(APIError):
 
 
 def error_response(error: APIError) -> web.Response:
+    """The Livepeer shape (``{"detail": ...}``), which both daemons speak."""
     return web.json_response(error.body(), status=error.status, headers=error.headers)
 
 
-@web.middleware
-async def error_middleware(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """Render every failure in the wire shape; nothing unexpected reaches a client as a traceback."""
-    try:
-        return await handler(request)
-    except APIError as error:
-        return error_response(error)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        # aiohttp's own errors (unknown route, wrong method, body too large) in our shape.
-        message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
-        error = APIError(message, headers={k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")})
-        error.status = exc.status
-        return error_response(error)
-    except Exception:
-        logger.exception("unhandled error in %s %s", request.method, request.path)
-        return error_response(InternalError("Internal server error; the node's log has the details."))
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Render = Callable[[APIError], web.Response]
+
+
+def error_middleware_for(render_for: Callable[[web.Request], Render]) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    """An error middleware that renders each failure in the wire shape of the API the request used."""
+
+    @web.middleware
+    async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Render every failure in the wire shape; nothing unexpected reaches a client as a traceback."""
+        render = render_for(request)
+        try:
+            return await handler(request)
+        except APIError as error:
+            return render(error)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            # aiohttp's own errors (unknown route, wrong method, body too large) in our shape.
+            message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
+            error = APIError(message, headers={k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")})
+            error.status = exc.status
+            return render(error)
+        except Exception:
+            logger.exception("unhandled error in %s %s", request.method, request.path)
+            return render(InternalError("Internal server error; the log has the details."))
+
+    return error_middleware
+
+
+error_middleware = error_middleware_for(lambda request: error_response)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from marshmallow import Schema, ValidationError, fields, post_load, validate, validates_schema
@@ -176,6 +176,14 @@ def build_request_schema(limits: Limits) -> Schema:
             return TextToImageRequest(**{**data, "loras": data["loras"] or ()})
 
     return TextToImageSchema()
+
+
+def to_body(request: TextToImageRequest) -> dict[str, Any]:
+    """The request as a Livepeer API body (what a gateway forwards to a node): what is None left out."""
+    body = {name: value for name, value in asdict(request).items() if value is not None and name != "loras"}
+    if request.loras:
+        body["loras"] = json.dumps(dict(request.loras))
+    return body
 
 
 def _parse_loras(text: str, limits: Limits) -> tuple[tuple[str, float], ...]:

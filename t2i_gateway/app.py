@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hmac
 import json
@@ -10,7 +11,7 @@ import logging
 import ssl
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,15 +32,17 @@ from t2i_common.errors import (
     NotFound,
     ServiceUnavailable,
     Unauthorized,
-    error_middleware,
+    error_middleware_for,
+    error_response,
 )
 from t2i_common.logs import prompt_for_log
-from t2i_common.schemas import TextToImageRequest, build_request_schema, decode_body, validate_request
+from t2i_common.schemas import TextToImageRequest, build_request_schema, decode_body, to_body, validate_request
 from t2i_common.server import DRAIN, Drain
 from t2i_common.sse import Notify, respond_with_events, wants_events
 
 from .config import GatewayConfig
 from .nodes import NodePool, retry_after_s
+from . import openai_api
 from .openapi import build_openapi
 from .stream_tokens import StreamSigner, StreamTarget
 from .upstream import AttemptResult, attempt
@@ -56,14 +59,17 @@ OPENAPI = web.AppKey("openapi", dict)
 
 STREAM_CHUNK = 64 * 1024
 PLAYGROUND = web.AppKey("playground", str)
+OPENAI = web.AppKey("openai", openai_api.OpenAIRequests)
 
 
 def create_app(
     config: GatewayConfig, *, discovery: Discovery, stream_secret: bytes, metrics_: GatewayMetrics | None = None
 ) -> web.Application:
     """Build the gateway; ``discovery`` says where the orchestrators are."""
-    drain = Drain()
-    app = web.Application(middlewares=[error_middleware, drain.middleware])
+    drain = Drain(paths=frozenset({"/text-to-image", "/text-to-image/", "/v1/images/generations"}))
+    # Each API's errors in its own shape: OpenAI's under /v1/, Livepeer's elsewhere.
+    errors = error_middleware_for(lambda request: openai_api.render_error if request.path.startswith(openai_api.PREFIX) else error_response)
+    app = web.Application(middlewares=[errors, drain.middleware])
     app[DRAIN] = drain
     app[CONFIG] = config
     app[METRICS] = metrics_ or GatewayMetrics()
@@ -77,6 +83,7 @@ def create_app(
     )
     app[SIGNER] = StreamSigner(stream_secret, config.image_ttl_s)
     app[SCHEMA] = build_request_schema(config.limits)
+    app[OPENAI] = openai_api.OpenAIRequests(config.limits, app[SCHEMA])
     app[OPENAPI] = build_openapi(config.limits, api_keys=bool(config.api_keys))
     app[PLAYGROUND] = (Path(__file__).parent / "playground.html").read_text()
     app.cleanup_ctx.extend([_client_session, _node_pool])
@@ -87,6 +94,8 @@ def create_app(
     app.router.add_get("/orchestrators", orchestrators)
     app.router.add_get("/models", models)
     app.router.add_get("/openapi.json", openapi)
+    app.router.add_post("/v1/images/generations", openai_generations)
+    app.router.add_get("/v1/models", openai_models)
     metrics.setup(app, app[METRICS].registry)
     return app
 
@@ -140,18 +149,12 @@ class _Refused(APIError):
 
 
 async def text_to_image(request: web.Request) -> web.StreamResponse:
-    app = request.app
-    try:
-        job, model_id = _admit(request, await request.read())
-    except APIError as error:
-        # Refused before any attempt: counted too (the error-ratio alert needs these).
-        app[METRICS].requests.labels(str(error.status), "other").inc()
-        raise
+    """The Livepeer API: parse, dispatch, answer (as JSON, or as events while it runs)."""
+    job, model_id = await admit(request, lambda raw: validate_request(raw, request.app[SCHEMA]))
     trace = _Trace(request.headers.get("X-Request-ID") or uuid.uuid4().hex)
-    forward = {**job.raw, "model_id": model_id}
 
     async def run(notify: Notify | None) -> dict[str, Any]:
-        return await _observed(request, trace, job.request.prompt, model_id, forward, job.request.num_images_per_prompt, notify)
+        return await dispatch(request, trace, job, model_id, notify)
 
     if wants_events(request):
         return await respond_with_events(request, run)
@@ -159,20 +162,31 @@ async def text_to_image(request: web.Request) -> web.StreamResponse:
 
 
 @dataclass(frozen=True)
-class _Job:
+class Job:
     request: TextToImageRequest
-    raw: dict[str, Any]  # the fields as the client sent them, forwarded as they are
+    forward: dict[str, Any]  # the Livepeer fields sent to the node
 
 
-def _admit(request: web.Request, body: bytes) -> tuple[_Job, str]:
-    """Everything that can refuse a request before any node is tried; the job and its model."""
+async def admit(request: web.Request, parse: Callable[[dict[str, Any]], TextToImageRequest]) -> tuple[Job, str]:
+    """Everything that can refuse a request before any node is tried, for either API; the job and its model.
+
+    ``parse`` turns the decoded body into the Livepeer request (raising the API's 4xx errors)."""
+    app = request.app
+    try:
+        return _admit(request, parse, await request.read())
+    except APIError as error:
+        # Refused before any attempt: counted too (the error-ratio alert needs these).
+        app[METRICS].requests.labels(str(error.status), "other").inc()
+        raise
+
+
+def _admit(request: web.Request, parse: Callable[[dict[str, Any]], TextToImageRequest], body: bytes) -> tuple[Job, str]:
     app = request.app
     config, pool = app[CONFIG], app[POOL]
     if app[DRAIN].in_flight > config.max_in_flight:  # this request is counted already
         raise ServiceUnavailable(f"The gateway is handling {config.max_in_flight} requests already; retry shortly.", retry_after=1)
     _check_api_key(config, request)
-    raw = decode_body(body, request.headers.get("Content-Type"))  # decoded once: validated, then forwarded
-    job = validate_request(raw, app[SCHEMA])
+    job = parse(decode_body(body, request.headers.get("Content-Type")))  # decoded once: validated, then forwarded
     model_id = job.model_id or config.default_model or pool.default_model()
     if not model_id:
         raise ServiceUnavailable("No orchestrator is ready yet to say which models it serves; retry shortly.", retry_after=2)
@@ -184,7 +198,12 @@ def _admit(request: web.Request, body: bytes) -> tuple[_Job, str]:
             f"Every orchestrator that serves {model_id!r} is busy, suspended or down; retry later.",
             retry_after=retry_after_s(pool.healthy()),
         )
-    return _Job(job, raw), model_id
+    return Job(job, {**to_body(job), "model_id": model_id}), model_id
+
+
+async def dispatch(request: web.Request, trace: _Trace, job: Job, model_id: str, notify: Notify | None) -> dict[str, Any]:
+    """Run an admitted job on the network: the Livepeer result body, or an APIError."""
+    return await _observed(request, trace, job.request.prompt, model_id, job.forward, job.request.num_images_per_prompt, notify)
 
 
 async def _observed(
@@ -287,6 +306,46 @@ def _rewrite_urls(request: web.Request, node_url: str, body: dict[str, Any]) -> 
         token = app[SIGNER].sign(StreamTarget(node_url, path))
         images.append({"url": f"{base}/stream/{token}/{name}.png", "seed": image["seed"], "nsfw": image["nsfw"]})
     return {"images": images}
+
+
+async def openai_generations(request: web.Request) -> web.Response:
+    """OpenAI's Images API: its body in, the same admission and dispatch, its answer out."""
+    app = request.app
+    response_format = "url"
+
+    def parse(data: dict[str, Any]) -> TextToImageRequest:
+        nonlocal response_format
+        job, response_format = app[OPENAI].parse(data)
+        return job
+
+    job, model_id = await admit(request, parse)
+    trace = _Trace(request.headers.get("X-Request-ID") or uuid.uuid4().hex)
+    result = await dispatch(request, trace, job, model_id, None)
+    if response_format == "b64_json":
+        data = [{"b64_json": base64.b64encode(await _image_bytes(app, image["url"])).decode()} for image in result["images"]]
+    else:
+        data = [{"url": image["url"]} for image in result["images"]]
+    return web.json_response(openai_api.images_body(data), headers={"X-Request-ID": trace.request_id})
+
+
+async def openai_models(request: web.Request) -> web.Response:
+    _check_api_key(request.app[CONFIG], request)
+    return web.json_response(openai_api.models_body(request.app[POOL].models_on_offer()))
+
+
+async def _image_bytes(app: web.Application, url: str) -> bytes:
+    """The PNG behind one of this gateway's image urls (signed a moment ago), from the node holding it."""
+    target = app[SIGNER].verify(url.split("/stream/", 1)[1].split("/", 1)[0])
+    if target is None:
+        raise BadGateway("An image url could not be resolved.")
+    timeout = aiohttp.ClientTimeout(total=60, sock_connect=app[CONFIG].connect_timeout_s)
+    try:
+        async with app[SESSION].get(f"{target.node_url}{target.path}", headers=app[POOL].auth_headers(target.node_url), timeout=timeout) as upstream:
+            if upstream.status != 200:
+                raise BadGateway(f"The orchestrator holding the image answered {upstream.status}.")
+            return await upstream.read()
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise BadGateway(f"The orchestrator holding the image cannot be reached ({type(exc).__name__}).") from exc
 
 
 async def stream_image(request: web.Request) -> web.StreamResponse:

@@ -40,6 +40,39 @@ class HTTPValidationErrorSchema(Schema):
     detail = fields.List(fields.Nested(ValidationErrorSchema), required=True)
 
 
+class OpenAIImageSchema(Schema):
+    url = fields.String(metadata={"description": "With response_format url: where to download the PNG (on this gateway)."})
+    b64_json = fields.String(metadata={"description": "With response_format b64_json: the PNG, base64."})
+
+
+class OpenAIImagesResponseSchema(Schema):
+    created = fields.Integer(required=True)
+    data = fields.List(fields.Nested(OpenAIImageSchema), required=True)
+
+
+class OpenAIModelSchema(Schema):
+    id = fields.String(required=True)
+    object = fields.String(required=True)
+    created = fields.Integer(required=True)
+    owned_by = fields.String(required=True)
+
+
+class OpenAIModelListSchema(Schema):
+    object = fields.String(required=True)
+    data = fields.List(fields.Nested(OpenAIModelSchema), required=True)
+
+
+class OpenAIErrorDetailSchema(Schema):
+    message = fields.String(required=True)
+    type = fields.String(required=True)
+    param = fields.String(allow_none=True, required=True)
+    code = fields.String(allow_none=True, required=True)
+
+
+class OpenAIErrorSchema(Schema):
+    error = fields.Nested(OpenAIErrorDetailSchema, required=True)
+
+
 def _error(description: str, schema: str = "HTTPError") -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
@@ -122,4 +155,48 @@ def build_openapi(limits: Limits, *, api_keys: bool) -> dict[str, Any]:
             }
         },
     )
+    _openai_paths(spec, limits, security, api_keys)
     return spec.to_dict()
+
+
+def _openai_paths(spec: APISpec, limits: Limits, security: list[dict[str, list[str]]], api_keys: bool) -> None:
+    from .openai_api import _image_generation_schema
+
+    spec.components.schema("OpenAIImageGenerationParams", schema=_image_generation_schema(limits))
+    spec.components.schema("OpenAIImagesResponse", schema=OpenAIImagesResponseSchema)
+    spec.components.schema("OpenAIModelList", schema=OpenAIModelListSchema)
+    spec.components.schema("OpenAIError", schema=OpenAIErrorSchema)
+    busy = _error("No orchestrator can take the request now; see Retry-After.", "OpenAIError")
+    busy["headers"] = {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds to wait."}}
+    unauthorized = {"401": _error("Missing or wrong API key.", "OpenAIError")} if api_keys else {}
+    spec.path(
+        path="/v1/images/generations",
+        operations={
+            "post": {
+                "summary": "OpenAI's Images API: generate images from a text prompt.",
+                "operationId": "openaiCreateImage",
+                "security": security,
+                "requestBody": {"required": True, "content": {"application/json": {"schema": "OpenAIImageGenerationParams"}}},
+                "responses": {
+                    "200": {"description": "The images, as urls or base64.", "content": {"application/json": {"schema": "OpenAIImagesResponse"}}},
+                    "400": _error("An invalid request: malformed JSON, a bad field, a model no orchestrator offers.", "OpenAIError"),
+                    **unauthorized,
+                    "500": _error("Generation failed on the orchestrator.", "OpenAIError"),
+                    "502": _error("The orchestrator holding an image cannot be reached.", "OpenAIError"),
+                    "503": busy,
+                    "504": _error("The request's deadline passed.", "OpenAIError"),
+                },
+            }
+        },
+    )
+    spec.path(
+        path="/v1/models",
+        operations={
+            "get": {
+                "summary": "OpenAI's model list: the models on offer.",
+                "operationId": "openaiListModels",
+                "security": security,
+                "responses": {"200": {"description": "The models.", "content": {"application/json": {"schema": "OpenAIModelList"}}}, **unauthorized},
+            }
+        },
+    )

@@ -401,3 +401,35 @@ async def test_a_waiting_client_hears_its_position_and_one_that_leaves_is_droppe
     assert (await first).status == 200
     rest = [event async for event in reader]
     assert rest[-1][0] == "result" and [r["seed"] for r in node.requests] == [0, 2]
+
+
+async def test_openai_requests_are_checked_and_answered_in_openais_shape(make_gateway: MakeGateway) -> None:
+    fake = FakeOrchestrator()
+    gateway = await make_gateway(fake, api_keys=frozenset({"k"}))
+    auth = {"Authorization": "Bearer k"}
+    ok = await gateway.client.post("/v1/images/generations", json={"prompt": "a cat", "size": "64x64", "n": 2}, headers=auth)
+    body = await ok.json()
+    assert ok.status == 200 and len(body["data"]) == 2 and body["data"][0]["url"].startswith("http") and body["created"] > 0
+    assert fake.requests[-1] == {"prompt": "a cat", "model_id": "m/warm", "width": 64, "height": 64, "num_images_per_prompt": 2,
+                                 "negative_prompt": ""}
+    for fields, param, words in [
+        ({"size": "64x64\n"}, "size", "WIDTHxHEIGHT"),
+        ({"size": "65x64"}, "size", "multiple of 8"),
+        ({"style": "vivid"}, "style", "not rewritten"),
+        ({"quality": "hd"}, "quality", "auto, standard"),
+        ({"output_format": "webp"}, "output_format", "png"),
+        ({"colour": "red"}, "colour", "Unknown field"),
+        ({"seed": "7"}, "seed", "integer"),
+    ]:
+        response = await gateway.client.post("/v1/images/generations", json={"prompt": "a cat", **fields}, headers=auth)
+        error = (await response.json())["error"]
+        assert response.status == 400 and error["param"] == param and words in error["message"], (fields, error)
+        assert error["type"] == "invalid_request_error"
+    refused = await gateway.client.post("/v1/images/generations", json={"prompt": "a cat"}, headers={"Authorization": "Bearer nope"})
+    assert refused.status == 401 and (await refused.json())["error"]["code"] == "invalid_api_key"
+    deep = await gateway.client.post("/v1/images/generations", data=b"[" * 100_000, headers={**auth, "Content-Type": "application/json"})
+    assert deep.status == 400 and "nested too deeply" in (await deep.json())["error"]["message"]
+    models = await (await gateway.client.get("/v1/models", headers=auth)).json()
+    assert models == {"object": "list", "data": [{"id": "m/warm", "object": "model", "created": 0, "owned_by": "t2i"}]}
+    livepeer = await gateway.client.post("/text-to-image", json={"prompt": "a", "width": 65}, headers=auth)
+    assert livepeer.status == 422 and "detail" in await livepeer.json()  # the Livepeer API keeps its own shape
