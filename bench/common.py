@@ -62,20 +62,21 @@ def launch(args: list[str], workdir: Path, name: str, env: dict[str, str] | None
     return Process(process, f"http://127.0.0.1:{port}", log)
 
 
-async def wait_healthy(process: Process, timeout: float = 120) -> None:
+async def wait_healthy(process: Process, timeout: float = 120, path: str = "/health") -> None:
+    """Until ``GET path`` answers 200 (``/health`` for our daemons; fakes and nginx have other paths)."""
     deadline = time.monotonic() + timeout
     async with aiohttp.ClientSession() as session:
         while time.monotonic() < deadline:
             if process.process.poll() is not None:
                 break
             try:
-                async with session.get(f"{process.url}/health", timeout=aiohttp.ClientTimeout(total=2)) as response:
+                async with session.get(f"{process.url}{path}", timeout=aiohttp.ClientTimeout(total=2)) as response:
                     if response.status == 200:
                         return
             except (aiohttp.ClientError, TimeoutError):
                 pass
             await asyncio.sleep(0.2)
-    raise RuntimeError(f"{process.url} did not become healthy; see {process.log}")
+    raise RuntimeError(f"{process.url} did not answer GET {path}; see {process.log}")
 
 
 @dataclass

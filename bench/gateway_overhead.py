@@ -180,21 +180,6 @@ def wrk_load(wrk: str, script: Path, url: str, pid: int, clients: int, seconds: 
 # -- the paths -------------------------------------------------------------------------------------
 
 
-async def wait_answering(process: Process, path: str, timeout: float = 60) -> None:
-    """Until ``GET path`` answers 200 (the fake node and nginx have no /health of their own)."""
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline and process.process.poll() is None:
-            try:
-                async with session.get(f"{process.url}{path}", timeout=aiohttp.ClientTimeout(total=2)) as response:
-                    if response.status == 200:
-                        return
-            except (aiohttp.ClientError, TimeoutError):
-                pass
-            await asyncio.sleep(0.1)
-    raise RuntimeError(f"{process.url} did not answer {path}; see {process.log}")
-
-
 def nginx_binary() -> str | None:
     return shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None)
 
@@ -244,7 +229,7 @@ async def measure(args: argparse.Namespace, clients: list[int], workdir: Path) -
     note = None
     try:
         processes["direct"] = launch(["-m", "bench.fake_node", "--behaviour", "ok"], workdir, "fake-node")
-        await wait_answering(processes["direct"], "/capabilities")
+        await wait_healthy(processes["direct"], path="/capabilities")
         node = processes["direct"].url
         processes["proxy"] = launch(["-m", "bench.reference_proxy", "--node", node], workdir, "reference-proxy")
         processes["gateway"] = launch(["-m", "t2i_gateway", "--orchestrator", node], workdir, "gateway")
@@ -253,11 +238,11 @@ async def measure(args: argparse.Namespace, clients: list[int], workdir: Path) -
             processes["nginx"] = start_nginx(nginx, node, workdir)
         else:
             note = "nginx proxy_pass: skipped (nginx is not installed)"
-        await wait_answering(processes["proxy"], "/health")
+        await wait_healthy(processes["proxy"])
         await wait_healthy(processes["gateway"], timeout=60)
         if "nginx" in processes:
             try:
-                await wait_answering(processes["nginx"], "/capabilities", timeout=20)
+                await wait_healthy(processes["nginx"], path="/capabilities", timeout=20)
             except RuntimeError:
                 tail = processes.pop("nginx")
                 tail.stop()

@@ -8,7 +8,6 @@ from local folders with an empty hub cache, and from a cache holding only the fp
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import subprocess
