@@ -26,16 +26,37 @@ SLOW = {"prompt": "a slow one", "width": 256, "height": 256, "num_inference_step
 
 async def run(clients: int, max_in_flight: int, node_queue: int, cache_dir: Path | None, workdir: Path) -> dict[str, float]:
     node = launch(
-        ["-m", "t2i_orchestrator", "--threads", "1", "--max-queue", str(node_queue), "--storage-dir", str(workdir / "images"),
-         *(["--cache-dir", str(cache_dir)] if cache_dir else [])],
-        workdir, "node",
+        [
+            "-m",
+            "t2i_orchestrator",
+            "--threads",
+            "1",
+            "--max-queue",
+            str(node_queue),
+            "--storage-dir",
+            str(workdir / "images"),
+            *(["--cache-dir", str(cache_dir)] if cache_dir else []),
+        ],
+        workdir,
+        "node",
     )
     gateway = launch(
         # --max-queued 0: what is measured here is how fast the excess is refused; waiting for a slot is
         # bench.burst's subject.
-        ["-m", "t2i_gateway", "--orchestrator", node.url, "--max-in-flight", str(max_in_flight), "--probe-interval", "0.5",
-         "--max-queued", "0"],
-        workdir, "gateway",
+        [
+            "-m",
+            "t2i_gateway",
+            "--orchestrator",
+            node.url,
+            "--max-in-flight",
+            str(max_in_flight),
+            "--probe-interval",
+            "0.5",
+            "--max-queued",
+            "0",
+        ],
+        workdir,
+        "gateway",
     )
     try:
         await asyncio.gather(wait_healthy(node), wait_healthy(gateway))

@@ -51,9 +51,22 @@ async def measure(sizes: list[int], clients: list[int], rounds: int, repeats: in
     over the run falls on both; each figure is the median of ``repeats`` turns."""
     nodes = {
         max_batch: launch(
-            ["-m", "t2i_orchestrator", "--cache-dir", str(workdir / "cache"), "--storage-dir", str(workdir / f"images-{max_batch}"),
-             "--max-batch", str(max_batch), "--max-queue", "16", "--log-level", "warning"],
-            workdir, f"node-batch-{max_batch}",
+            [
+                "-m",
+                "t2i_orchestrator",
+                "--cache-dir",
+                str(workdir / "cache"),
+                "--storage-dir",
+                str(workdir / f"images-{max_batch}"),
+                "--max-batch",
+                str(max_batch),
+                "--max-queue",
+                "16",
+                "--log-level",
+                "warning",
+            ],
+            workdir,
+            f"node-batch-{max_batch}",
         )
         for max_batch in (1, 8)
     }
@@ -99,7 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     worst = min(ratios.values())
     small = ratios.get((64, 8))
     print(
-        "summary: " + ", ".join(f"{s}px/{c}: {r:.2f}x" for (s, c), r in ratios.items())
+        "summary: "
+        + ", ".join(f"{s}px/{c}: {r:.2f}x" for (s, c), r in ratios.items())
         + f"; worst {worst:.2f}x (goal >= 0.95x: {'met' if worst >= 0.95 else 'MISSED'})"
         + (f"; 64px with 8 clients {small:.2f}x (goal >= 2x: {'met' if small >= 2 else 'MISSED'})" if small else "")
     )

@@ -37,8 +37,20 @@ async def _burst(gateway: str, requests: int, size: int) -> tuple[Counter[int], 
 
 
 async def run(requests: int, size: int, workdir: Path) -> tuple[float, list[tuple[int, Counter[int], float]]]:
-    node = launch(["-m", "t2i_orchestrator", "--cache-dir", str(workdir / "cache"), "--storage-dir", str(workdir / "images"),
-                   "--log-level", "warning"], workdir, "node")
+    node = launch(
+        [
+            "-m",
+            "t2i_orchestrator",
+            "--cache-dir",
+            str(workdir / "cache"),
+            "--storage-dir",
+            str(workdir / "images"),
+            "--log-level",
+            "warning",
+        ],
+        workdir,
+        "node",
+    )
     results = []
     try:
         await wait_healthy(node)
@@ -48,8 +60,11 @@ async def run(requests: int, size: int, workdir: Path) -> tuple[float, list[tupl
         await post_many(node.url, body, requests, 9, Results())  # 9: one generating and --max-queue 8 waiting
         node_alone = time.monotonic() - started
         for max_queued in (64, 0):
-            gateway = launch(["-m", "t2i_gateway", "--orchestrator", node.url, "--max-queued", str(max_queued), "--log-level", "warning"],
-                             workdir, f"gateway-{max_queued}")
+            gateway = launch(
+                ["-m", "t2i_gateway", "--orchestrator", node.url, "--max-queued", str(max_queued), "--log-level", "warning"],
+                workdir,
+                f"gateway-{max_queued}",
+            )
             try:
                 await wait_healthy(gateway)
                 statuses, seconds = await _burst(gateway.url, requests, size)

@@ -56,8 +56,15 @@ async def http_times(cache: Path, workdir: Path, threads: int, repeats: int, war
         await wait_healthy(gateway, timeout=60)
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
             for size, steps in CASES:
-                body = {"prompt": PROMPT, "model_id": MODEL, "width": size, "height": size, "num_inference_steps": steps,
-                        "seed": SEED, "safety_check": False}
+                body = {
+                    "prompt": PROMPT,
+                    "model_id": MODEL,
+                    "width": size,
+                    "height": size,
+                    "num_inference_steps": steps,
+                    "seed": SEED,
+                    "safety_check": False,
+                }
                 samples = []
                 for index in range(warmup + repeats):
                     started = time.perf_counter()
@@ -88,8 +95,9 @@ def in_process_times(cache: Path, threads: int, repeats: int, warmup: int) -> di
     def run() -> dict[tuple[int, int], list[float]]:
         times: dict[tuple[int, int], list[float]] = {}
         for size, steps in CASES:
-            request = TextToImageRequest(prompt=PROMPT, model_id=MODEL, width=size, height=size, num_inference_steps=steps,
-                                         seed=SEED, safety_check=False)
+            request = TextToImageRequest(
+                prompt=PROMPT, model_id=MODEL, width=size, height=size, num_inference_steps=steps, seed=SEED, safety_check=False
+            )
             samples = []
             for index in range(warmup + repeats):
                 started = time.perf_counter()
@@ -110,8 +118,9 @@ def verdict(ok: bool) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.end_to_end", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.end_to_end", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=20, help="timed sequential requests per size")
     parser.add_argument("--warmup", type=int, default=3, help="untimed requests per size first")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads, the node's and in-process")
@@ -133,10 +142,13 @@ def main(argv: list[str] | None = None) -> None:
         inside, outside = statistics.median(local["thread"][(size, steps)]), statistics.median(http[(size, steps)])
         main_thread = statistics.median(local["main"][(size, steps)])
         ratios[(size, steps)] = outside / inside
-        print(f"| {size}x{size} | {steps} | {1000 * inside:.1f} | {1000 * main_thread:.1f} | {1000 * outside:.1f} "
-              f"| {1000 * (outside - inside):+.1f} | {outside / inside:.2f}x |")
+        print(
+            f"| {size}x{size} | {steps} | {1000 * inside:.1f} | {1000 * main_thread:.1f} | {1000 * outside:.1f} "
+            f"| {1000 * (outside - inside):+.1f} | {outside / inside:.2f}x |"
+        )
     print(
-        "summary: " + "; ".join(
+        "summary: "
+        + "; ".join(
             f"{size}x{size} {steps} step{'s' if steps != 1 else ''} gateway/in-process {ratio:.2f}x "
             f"(goal <= {GOAL_RATIO:.2f}x: {verdict(ratio <= GOAL_RATIO)})"
             for (size, steps), ratio in ratios.items()

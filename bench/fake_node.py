@@ -17,9 +17,7 @@ from aiohttp import web
 
 MODES = ("malformed", "wrong_types", "truncated", "error")
 # A 1x1 PNG.
-PNG = base64.b64decode(
-    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
-)
+PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==")
 
 
 def create_app(behaviour: str) -> web.Application:
@@ -27,16 +25,26 @@ def create_app(behaviour: str) -> web.Application:
 
     async def capabilities(request: web.Request) -> web.Response:
         return web.json_response(
-            {"node_id": "garbage", "version": "0", "device": "none", "status": "ready", "capacity": 64, "in_flight": 0,
-             "queued": 0, "models": [{"model_id": "t2i/tiny-sd", "pipeline": "text-to-image", "warm": True, "loaded": True}]}
+            {
+                "node_id": "garbage",
+                "version": "0",
+                "device": "none",
+                "status": "ready",
+                "capacity": 64,
+                "in_flight": 0,
+                "queued": 0,
+                "models": [{"model_id": "t2i/tiny-sd", "pipeline": "text-to-image", "warm": True, "loaded": True}],
+            }
         )
 
     async def text_to_image(request: web.Request) -> web.StreamResponse:
         body = await request.json()
         if behaviour == "ok":
             base, seed = f"http://{request.host}", body.get("seed") or 0
-            images = [{"url": f"{base}/stream/{secrets.token_hex(16)}/{secrets.token_hex(8)}.png", "seed": seed + i, "nsfw": False}
-                      for i in range(body.get("num_images_per_prompt", 1))]
+            images = [
+                {"url": f"{base}/stream/{secrets.token_hex(16)}/{secrets.token_hex(8)}.png", "seed": seed + i, "nsfw": False}
+                for i in range(body.get("num_images_per_prompt", 1))
+            ]
             return web.json_response({"images": images})
         mode = next(modes)
         if mode == "malformed":

@@ -29,9 +29,19 @@ async def run(requests: int, concurrency: int, cache_dir: Path | None, workdir: 
     nodes = [launch([*node_args, "--storage-dir", str(workdir / name)], workdir, f"node-{name}") for name in "abc"]
     garbage = launch(["-m", "bench.fake_node", "--behaviour", "garbage"], workdir, "garbage")
     gateway = launch(
-        ["-m", "t2i_gateway", *(arg for n in [*nodes, garbage] for arg in ("--orchestrator", n.url)),
-         "--probe-interval", "1", "--probe-timeout", "2", "--max-attempts", "4"],
-        workdir, "gateway",
+        [
+            "-m",
+            "t2i_gateway",
+            *(arg for n in [*nodes, garbage] for arg in ("--orchestrator", n.url)),
+            "--probe-interval",
+            "1",
+            "--probe-timeout",
+            "2",
+            "--max-attempts",
+            "4",
+        ],
+        workdir,
+        "gateway",
     )
     try:
         await asyncio.gather(*(wait_healthy(p) for p in [*nodes, gateway]))

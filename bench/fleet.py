@@ -69,18 +69,29 @@ def fake_fleet_app(capacity: int) -> web.Application:
     async def capabilities(request: web.Request) -> web.Response:
         counts["capabilities"] += 1
         return web.json_response(
-            {"node_id": f"fake-{request.host}", "version": "0", "device": "none", "status": "ready", "capacity": capacity,
-             "in_flight": 0, "queued": 0,
-             "models": [{"model_id": MODEL, "pipeline": "text-to-image", "warm": True, "loaded": True},
-                        {"model_id": OTHER, "pipeline": "text-to-image", "warm": False, "loaded": False}]}
+            {
+                "node_id": f"fake-{request.host}",
+                "version": "0",
+                "device": "none",
+                "status": "ready",
+                "capacity": capacity,
+                "in_flight": 0,
+                "queued": 0,
+                "models": [
+                    {"model_id": MODEL, "pipeline": "text-to-image", "warm": True, "loaded": True},
+                    {"model_id": OTHER, "pipeline": "text-to-image", "warm": False, "loaded": False},
+                ],
+            }
         )
 
     async def text_to_image(request: web.Request) -> web.Response:
         counts["text_to_image"] += 1
         body = json.loads(await request.read())
         base, seed = f"http://{request.host}", body.get("seed") or 0
-        images = [{"url": f"{base}/stream/{os.urandom(16).hex()}/{os.urandom(8).hex()}.png", "seed": seed + i, "nsfw": False}
-                  for i in range(body.get("num_images_per_prompt", 1))]
+        images = [
+            {"url": f"{base}/stream/{os.urandom(16).hex()}/{os.urandom(8).hex()}.png", "seed": seed + i, "nsfw": False}
+            for i in range(body.get("num_images_per_prompt", 1))
+        ]
         return web.json_response({"images": images})
 
     async def stream(request: web.Request) -> web.Response:
@@ -123,9 +134,23 @@ class Redis:
         self.port = free_port()
         self.log = folder / "redis.log"
         self.process = subprocess.Popen(
-            [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
-             "--dir", str(folder), "--logfile", str(self.log)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+            [
+                binary,
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(folder),
+                "--logfile",
+                str(self.log),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 30
         while "Ready to accept connections" not in (self.log.read_text() if self.log.exists() else ""):
@@ -147,7 +172,8 @@ class Fakes:
     def __init__(self, count: int, capacity: int, folder: Path) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "bench.fleet", "--serve-fakes", str(count), "--fake-capacity", str(capacity)],
-            stdout=subprocess.PIPE, stderr=(folder / "fakes.log").open("ab"),
+            stdout=subprocess.PIPE,
+            stderr=(folder / "fakes.log").open("ab"),
         )
         self.log = folder / "fakes.log"
         self.ports: list[int] = []
@@ -362,9 +388,13 @@ async def run(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
         figures["idle_rss_mib_1"], _ = memory_mib(gateway.process.pid)
         one = await load(gateway, args.seconds, args.concurrency)
         figures |= {
-            "rps_n": many.rps, "rps_1": one.rps, "rps_ratio": many.rps / one.rps if one.rps else math.nan,
-            "errors_n": many.other, "errors_1": one.other,
-            "cpu_ms_per_req_n": many.cpu_ms_per_request, "cpu_ms_per_req_1": one.cpu_ms_per_request,
+            "rps_n": many.rps,
+            "rps_1": one.rps,
+            "rps_ratio": many.rps / one.rps if one.rps else math.nan,
+            "errors_n": many.other,
+            "errors_1": one.other,
+            "cpu_ms_per_req_n": many.cpu_ms_per_request,
+            "cpu_ms_per_req_1": one.cpu_ms_per_request,
         }
         return figures
     finally:
@@ -383,11 +413,19 @@ def report(f: dict[str, Any], args: argparse.Namespace) -> str:
     rows = [
         ("heartbeats written (1 pipeline)", f"{f['register_write_s']:.3f} s", ""),
         (f"registered -> {n} routable", f"{f['routable_s']:.2f} s", ""),
-        *((f"selection/request @ {size} nodes", f"{f[f'select_us_{size}']:.1f} µs",
-           f"<= {GOAL_SELECT_US:.0f} µs @ 1000: {verdict(f[f'select_us_{size}'] <= GOAL_SELECT_US)}" if size == 1000 else "")
-          for size in SELECTION_SIZES),
-        (f"gateway idle CPU, {n} nodes", f"{f['idle_cpu_pct']:.1f} % of a core",
-         f"<= {GOAL_IDLE_CPU:.0f} %: {verdict(f['idle_cpu_pct'] <= GOAL_IDLE_CPU)}"),
+        *(
+            (
+                f"selection/request @ {size} nodes",
+                f"{f[f'select_us_{size}']:.1f} µs",
+                f"<= {GOAL_SELECT_US:.0f} µs @ 1000: {verdict(f[f'select_us_{size}'] <= GOAL_SELECT_US)}" if size == 1000 else "",
+            )
+            for size in SELECTION_SIZES
+        ),
+        (
+            f"gateway idle CPU, {n} nodes",
+            f"{f['idle_cpu_pct']:.1f} % of a core",
+            f"<= {GOAL_IDLE_CPU:.0f} %: {verdict(f['idle_cpu_pct'] <= GOAL_IDLE_CPU)}",
+        ),
         ("probes/s seen by the fakes, idle", f"{f['idle_probes_per_s']:.0f}", ""),
         (f"gateway RSS / HWM idle, {n} nodes", f"{f['idle_rss_mib']:.1f} / {f['idle_hwm_mib']:.1f} MiB", ""),
         ("gateway RSS / HWM after load", f"{f['rss_after_load_mib']:.1f} / {f['hwm_after_load_mib']:.1f} MiB", ""),

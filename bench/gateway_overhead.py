@@ -159,8 +159,20 @@ def wrk_load(wrk: str, script: Path, url: str, pid: int, clients: int, seconds: 
     """``wrk`` with one thread (its durations are whole seconds, at least 1)."""
 
     def run(duration: float) -> str:
-        command = [wrk, "-t", "1", "-c", str(clients), "-d", f"{max(1, round(duration))}s", "--timeout", "10s", "-s", str(script),
-                   f"{url}/text-to-image"]
+        command = [
+            wrk,
+            "-t",
+            "1",
+            "-c",
+            str(clients),
+            "-d",
+            f"{max(1, round(duration))}s",
+            "--timeout",
+            "10s",
+            "-s",
+            str(script),
+            f"{url}/text-to-image",
+        ]
         result = subprocess.run(command, capture_output=True, text=True, timeout=duration + 60)
         if result.returncode != 0:
             raise RuntimeError(f"wrk failed: {result.stdout}{result.stderr}")
@@ -196,8 +208,8 @@ def start_nginx(nginx: str, node_url: str, workdir: Path) -> Process:
 {user}
 daemon off;
 worker_processes 1;
-pid {prefix / 'nginx.pid'};
-error_log {prefix / 'error.log'} warn;
+pid {prefix / "nginx.pid"};
+error_log {prefix / "error.log"} warn;
 events {{ worker_connections 1024; }}
 http {{
     access_log off;
@@ -311,12 +323,14 @@ def report(cells: dict[tuple[str, int], Cell], note: str | None, clients: list[i
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.gateway_overhead", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.gateway_overhead", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seconds", type=float, default=5.0, help="timed seconds per cell (path x clients)")
     parser.add_argument("--clients", default="1,32", help="concurrent clients, comma-separated")
-    parser.add_argument("--load", choices=("auto", "wrk", "aiohttp"), default="auto",
-                        help="load generator: wrk when installed (auto), or the aiohttp one")
+    parser.add_argument(
+        "--load", choices=("auto", "wrk", "aiohttp"), default="auto", help="load generator: wrk when installed (auto), or the aiohttp one"
+    )
     args = parser.parse_args(argv)
     clients = sorted({int(x) for x in args.clients.split(",")})
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the clean-ups of the children

@@ -36,6 +36,7 @@ from typing import Any
 
 from t2i_common.config import ConfigError
 from t2i_common.schemas import TextToImageRequest
+from t2i_orchestrator.engine import Generation
 from t2i_orchestrator.models import ModelSpec, dtype_for, profile_for
 
 PROMPT = "a photo of an astronaut riding a horse, detailed, studio light"
@@ -44,30 +45,52 @@ GIB = 1024**3
 
 
 def _text(hidden: int, layers: int, heads: int, intermediate: int, act: str = "gelu", projection: int = 32) -> dict[str, Any]:
-    return dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=intermediate,
-                hidden_act=act, projection_dim=projection)
+    return dict(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=intermediate,
+        hidden_act=act,
+        projection_dim=projection,
+    )
 
 
 _XL = dict(addition_embed_type="text_time", use_linear_projection=True)
 _SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2)
-_TINY_BLOCKS = dict(block_out_channels=(32, 64), attention_head_dim=(2, 4), sample_size=32,
-                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
+_TINY_BLOCKS = dict(
+    block_out_channels=(32, 64),
+    attention_head_dim=(2, 4),
+    sample_size=32,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+)
 _TINY_VAE = dict(block_out_channels=(32, 32, 64, 64), sample_size=256)
 # Constructor arguments per component: the real models' sizes (parameter counts checked against
 # sd-turbo's and SDXL's own), and tiny ones of the same shapes (as in t2i_orchestrator.tiny_models).
 # Vocabulary sizes do not matter for speed: the tokenizer is the project's small self-made BPE.
 SIZES: dict[str, dict[str, dict[str, Any]]] = {
     "real": {
-        "sd2_unet": dict(block_out_channels=(320, 640, 1280, 1280), attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024,
-                         use_linear_projection=True, sample_size=64),
+        "sd2_unet": dict(
+            block_out_channels=(320, 640, 1280, 1280),
+            attention_head_dim=(5, 10, 20, 20),
+            cross_attention_dim=1024,
+            use_linear_projection=True,
+            sample_size=64,
+        ),
         "sd2_text": _text(1024, 23, 16, 4096, projection=512),  # OpenCLIP ViT-H
         "sd2_vae": dict(_SD_VAE, sample_size=768),
-        "sdxl_unet": dict(_XL, block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10),
-                          attention_head_dim=(5, 10, 20), sample_size=128,
-                          down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                          up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                          cross_attention_dim=2048,  # both encoders' hidden states side by side: 768 + 1280
-                          addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816),  # 6 x 256 + 1280
+        "sdxl_unet": dict(
+            _XL,
+            block_out_channels=(320, 640, 1280),
+            transformer_layers_per_block=(1, 2, 10),
+            attention_head_dim=(5, 10, 20),
+            sample_size=128,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=2048,  # both encoders' hidden states side by side: 768 + 1280
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
+        ),  # 6 x 256 + 1280
         "sdxl_text": _text(768, 12, 12, 3072, act="quick_gelu", projection=768),  # CLIP ViT-L
         "sdxl_text_2": _text(1280, 32, 20, 5120, projection=1280),  # OpenCLIP ViT-bigG
         "sdxl_vae": dict(_SD_VAE, sample_size=1024, scaling_factor=0.13025),
@@ -76,8 +99,14 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "sd2_unet": dict(_TINY_BLOCKS, cross_attention_dim=32, use_linear_projection=True),
         "sd2_text": _text(32, 2, 4, 37),
         "sd2_vae": _TINY_VAE,
-        "sdxl_unet": dict(_XL, **_TINY_BLOCKS, transformer_layers_per_block=(1, 2), cross_attention_dim=64,
-                          addition_time_embed_dim=8, projection_class_embeddings_input_dim=80),
+        "sdxl_unet": dict(
+            _XL,
+            **_TINY_BLOCKS,
+            transformer_layers_per_block=(1, 2),
+            cross_attention_dim=64,
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=80,
+        ),
         "sdxl_text": _text(32, 2, 4, 37),
         "sdxl_text_2": _text(32, 2, 4, 37),
         "sdxl_vae": dict(_TINY_VAE, scaling_factor=0.13025),
@@ -153,8 +182,11 @@ def _components(sizes: dict[str, dict[str, Any]], model: str) -> dict[str, Any]:
 
     blocks = len(sizes[f"{model}_vae"]["block_out_channels"])
     parts = dict(
-        vae=_small(AutoencoderKL(down_block_types=["DownEncoderBlock2D"] * blocks, up_block_types=["UpDecoderBlock2D"] * blocks,
-                                 **sizes[f"{model}_vae"])),
+        vae=_small(
+            AutoencoderKL(
+                down_block_types=["DownEncoderBlock2D"] * blocks, up_block_types=["UpDecoderBlock2D"] * blocks, **sizes[f"{model}_vae"]
+            )
+        ),
         text_encoder=text(CLIPTextModel, f"{model}_text"),
         tokenizer=tokenizer,
         unet=_small(UNet2DConditionModel(**sizes[f"{model}_unet"])),
@@ -172,8 +204,9 @@ def build_sd_turbo(out: Path, sizes: dict[str, dict[str, Any]], device: str, dty
 
     with _building(device, dtype):
         scheduler = EulerDiscreteScheduler(**_SD_BETAS, timestep_spacing="trailing")
-        pipe = StableDiffusionPipeline(**_components(sizes, "sd2"), scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
+        pipe = StableDiffusionPipeline(
+            **_components(sizes, "sd2"), scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
     with _quiet():
         pipe.save_pretrained(out, safe_serialization=True)
 
@@ -275,8 +308,10 @@ def run_case(case: Case, report: Report, args: argparse.Namespace, cache: Path, 
     size = f"{request.width}x{request.height}, {steps} step{'s' if steps > 1 else ''}"
     timed = f"median of {args.repeats}; {size}"
 
-    def generate(engine: Any, images: int = 1) -> Any:
-        return engine.generate(replace(request, num_images_per_prompt=images), spec.model_id, SEED, lambda: False)
+    def generate(engine: Any, requests: int = 1) -> Any:
+        """``requests`` requests in one pipeline call, as the node batches requests waiting together."""
+        batch = [Generation(request, spec.model_id, SEED + i) for i in range(requests)]
+        return engine.generate_batch(batch, lambda: False)
 
     engine = DiffusersEngine([spec], device=device, cache_dir=cache, safety_checker=None)
     report.row(name, "load (engine.load)", f"{_timed(lambda: engine.load(spec.model_id), sync):.2f} s", dtype_for(spec, device))
@@ -286,8 +321,9 @@ def run_case(case: Case, report: Report, args: argparse.Namespace, cache: Path, 
 
     def raw() -> Any:
         generator = torch.Generator("cpu").manual_seed(SEED)  # the engine's kind: the same noise on any device
-        return pipe(PROMPT, width=request.width, height=request.height, num_inference_steps=steps, guidance_scale=guidance,
-                    generator=generator).images
+        return pipe(
+            PROMPT, width=request.width, height=request.height, num_inference_steps=steps, guidance_scale=guidance, generator=generator
+        ).images
 
     image = raw()[0]  # also the raw call's warm-up
     medians = _medians({"engine": lambda: generate(engine), "raw": raw}, args.repeats, sync)
@@ -301,11 +337,11 @@ def run_case(case: Case, report: Report, args: argparse.Namespace, cache: Path, 
     generate(engine, 4)  # warm-up at the larger batch
     four = _medians({"four": lambda: generate(engine, 4)}, args.repeats, sync)["four"]
     report.row(name, "images/s, 1 image per call", f"{1 / medians['engine']:.2f}", "engine.generate")
-    report.row(name, "images/s, num_images_per_prompt=4", f"{4 / four:.2f}", "one pipeline call; the node does not batch requests")
+    report.row(name, "images/s, 4 requests batched", f"{4 / four:.2f}", "one pipeline call, as the node's batching makes")
     if case.check_oom:
         results["oom"] = _check_oom(engine, case, device) if device.startswith("cuda") else ("skipped (CUDA only)", "")
         report.row(name, "out-of-memory, then recovery", *results["oom"])
-    del pipe
+    pipe = None  # the closure above holds it too: let it go before the compiled run
     _free(engine)
 
     if skipped := _compile_skipped(args):
@@ -337,8 +373,10 @@ def _machine(device: str) -> str:
         where = f"{props.name} ({props.total_memory / GIB:.0f} GiB), CUDA {torch.version.cuda}"
     else:
         where = f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
-    return (f"machine: {where}; torch {torch.__version__}, diffusers {diffusers.__version__}, "
-            f"transformers {transformers.__version__}, Python {platform.python_version()}")
+    return (
+        f"machine: {where}; torch {torch.__version__}, diffusers {diffusers.__version__}, "
+        f"transformers {transformers.__version__}, Python {platform.python_version()}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -363,27 +401,39 @@ def main(argv: list[str] | None = None) -> int:
     cuda = args.device.startswith("cuda")
     sync = (lambda: torch.cuda.synchronize(args.device)) if cuda else (lambda: None)
     sizes, build_dtype = SIZES["tiny" if args.tiny else "real"], torch.float16 if cuda else torch.float32
-    report = Report([
-        "# bench.gpu: the node's engine against the raw diffusers pipeline",
-        "",
-        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
-        f"- {_machine(args.device)}",
-        f"- models: random weights at {'tiny' if args.tiny else 'the real'} sizes, built here, loaded by the node's loaders; "
-        f"{args.repeats} timed runs per figure, after warm-up",
-        "- the node does not batch separate requests yet: 4 images per call is one request with num_images_per_prompt=4",
-    ])
+    report = Report(
+        [
+            "# bench.gpu: the node's engine against the raw diffusers pipeline",
+            "",
+            f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+            f"- {_machine(args.device)}",
+            f"- models: random weights at {'tiny' if args.tiny else 'the real'} sizes, built here, loaded by the node's loaders; "
+            f"{args.repeats} timed runs per figure, after warm-up",
+            "- batched: 4 requests in one pipeline call (engine.generate_batch), as the node runs compatible waiting requests",
+        ]
+    )
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="t2i-bench-gpu-") as tmp:
         folder = Path(tmp)
         unet_file = folder / "sdxl_lightning_4step_unet.safetensors"
         cases = [
-            (Case("sd-turbo", ModelSpec("stabilityai/sd-turbo", path=str(folder / "sd-turbo")),
-                  TextToImageRequest(PROMPT, width=512, height=512, num_inference_steps=1, safety_check=False)),
-             lambda: build_sd_turbo(folder / "sd-turbo", sizes, args.device, build_dtype)),
-            (Case("sdxl-lightning",
-                  ModelSpec("ByteDance/SDXL-Lightning-4step", path=str(folder / "sdxl-base"), unet_path=str(unet_file)),
-                  TextToImageRequest(PROMPT, width=1024, height=1024, num_inference_steps=4, safety_check=False), check_oom=True),
-             lambda: build_sdxl_lightning(folder / "sdxl-base", unet_file, sizes, args.device, build_dtype)),
+            (
+                Case(
+                    "sd-turbo",
+                    ModelSpec("stabilityai/sd-turbo", path=str(folder / "sd-turbo")),
+                    TextToImageRequest(PROMPT, width=512, height=512, num_inference_steps=1, safety_check=False),
+                ),
+                lambda: build_sd_turbo(folder / "sd-turbo", sizes, args.device, build_dtype),
+            ),
+            (
+                Case(
+                    "sdxl-lightning",
+                    ModelSpec("ByteDance/SDXL-Lightning-4step", path=str(folder / "sdxl-base"), unet_path=str(unet_file)),
+                    TextToImageRequest(PROMPT, width=1024, height=1024, num_inference_steps=4, safety_check=False),
+                    check_oom=True,
+                ),
+                lambda: build_sdxl_lightning(folder / "sdxl-base", unet_file, sizes, args.device, build_dtype),
+            ),
         ]
         for case, build in cases:
             seconds = _timed(build, sync)

@@ -21,9 +21,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--registry", required=True, help="a registry file (created if missing) or redis://[user:password@]host:6379/0 (rediss:// for TLS)"
     )
     parser.add_argument("--registry-prefix", default="t2i", help="key prefix in a Redis registry (default: t2i)")
-    parser.add_argument(
-        "--registry-password-file", type=Path, help="file holding the Redis password (or set T2I_REGISTRY_PASSWORD)"
-    )
+    parser.add_argument("--registry-password-file", type=Path, help="file holding the Redis password (or set T2I_REGISTRY_PASSWORD)")
     parser.add_argument("--registry-ca", type=Path, help="CA certificate (PEM) for a rediss:// registry (default: the system's)")
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("url", nargs="?", help="orchestrator URL to add (or refresh)")
@@ -32,8 +30,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--heartbeat",
         action="store_true",
-        help="the entry goes stale unless refreshed (nodes do this themselves); without it the entry is static "
-        "and never goes stale",
+        help="the entry goes stale unless refreshed (nodes do this themselves); without it the entry is static and never goes stale",
     )
     parser.add_argument("--ttl", type=float, default=30.0, help="with --heartbeat, seconds a Redis registry keeps the entry (default 30)")
     args = parser.parse_args(argv)
@@ -75,7 +72,8 @@ def _redis(settings: RegistrySettings, args: argparse.Namespace) -> list[str]:
             if args.list:
                 now, entries = await registry.read()
                 return [
-                    f"{url}\t{'static' if math.isinf(expiry) else f'expires in {expiry - now:.0f}s'}" for url, expiry in sorted(entries.items())
+                    f"{url}\t{'static' if math.isinf(expiry) else f'expires in {expiry - now:.0f}s'}"
+                    for url, expiry in sorted(entries.items())
                 ]
             if args.remove:
                 url = normalize_url(args.remove)

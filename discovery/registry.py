@@ -135,9 +135,7 @@ class RegistryFileDiscovery:
     ``heartbeat_ttl_s`` are left out.
     """
 
-    def __init__(
-        self, path: Path, *, heartbeat_ttl_s: float = 30.0, on_error: Callable[[str], None] | None = None
-    ) -> None:
+    def __init__(self, path: Path, *, heartbeat_ttl_s: float = 30.0, on_error: Callable[[str], None] | None = None) -> None:
         self.path = path
         self.heartbeat_ttl_s = heartbeat_ttl_s
         self._on_error = on_error

@@ -21,36 +21,43 @@ class OrchestratorMetrics:
         self.requests = Counter(
             "requests", "Text-to-image requests answered, by HTTP status.", ["status"], namespace=ns, registry=self.registry
         )
-        self.queue_depth = Gauge(
-            "queue_depth", "Requests waiting for the device.", namespace=ns, registry=self.registry
-        )
+        self.queue_depth = Gauge("queue_depth", "Requests waiting for the device.", namespace=ns, registry=self.registry)
         self.queue_limit = Gauge(
             "queue_limit", "Requests that may wait for the device (--max-queue).", namespace=ns, registry=self.registry
         )
-        self.in_flight = Gauge(
-            "in_flight", "Requests being generated on the device.", namespace=ns, registry=self.registry
-        )
+        self.in_flight = Gauge("in_flight", "Requests being generated on the device.", namespace=ns, registry=self.registry)
         self.queue_wait = Histogram(
-            "queue_wait_seconds", "Time a request waited for the device.", ["model"],
-            buckets=GENERATION_BUCKETS, namespace=ns, registry=self.registry,
+            "queue_wait_seconds",
+            "Time a request waited for the device.",
+            ["model"],
+            buckets=GENERATION_BUCKETS,
+            namespace=ns,
+            registry=self.registry,
         )
         self.inference = Histogram(
-            "inference_seconds", "Time spent generating one request's images (model load excluded).", ["model"],
-            buckets=GENERATION_BUCKETS, namespace=ns, registry=self.registry,
+            "inference_seconds",
+            "Time spent generating one request's images (model load excluded).",
+            ["model"],
+            buckets=GENERATION_BUCKETS,
+            namespace=ns,
+            registry=self.registry,
         )
         self.model_load = Histogram(
-            "model_load_seconds", "Time spent loading a model (and warming it up).", ["model"],
-            buckets=GENERATION_BUCKETS, namespace=ns, registry=self.registry,
+            "model_load_seconds",
+            "Time spent loading a model (and warming it up).",
+            ["model"],
+            buckets=GENERATION_BUCKETS,
+            namespace=ns,
+            registry=self.registry,
         )
-        self.images = Counter(
-            "images_generated", "Images generated.", ["model"], namespace=ns, registry=self.registry
-        )
-        self.loaded_models = Gauge(
-            "loaded_models", "Models loaded on the device.", namespace=ns, registry=self.registry
-        )
+        self.images = Counter("images_generated", "Images generated.", ["model"], namespace=ns, registry=self.registry)
+        self.loaded_models = Gauge("loaded_models", "Models loaded on the device.", namespace=ns, registry=self.registry)
         self.batch_size = Histogram(
-            "batch_size_images", "Images made by one pipeline call (requests batched together, --max-batch).",
-            buckets=(1, 2, 4, 8, 16, 32, 64), namespace=ns, registry=self.registry,
+            "batch_size_images",
+            "Images made by one pipeline call (requests batched together, --max-batch).",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            namespace=ns,
+            registry=self.registry,
         )
 
 
@@ -59,38 +66,48 @@ class GatewayMetrics:
         self.registry = registry or CollectorRegistry()
         ns = "t2i_gateway"
         self.requests = Counter(
-            "requests", "Text-to-image requests answered, by HTTP status and model.", ["status", "model"],
-            namespace=ns, registry=self.registry,
+            "requests",
+            "Text-to-image requests answered, by HTTP status and model.",
+            ["status", "model"],
+            namespace=ns,
+            registry=self.registry,
         )
         self.request_seconds = Histogram(
-            "request_seconds", "Time to answer a text-to-image request, retries included.", ["model"],
-            buckets=GENERATION_BUCKETS, namespace=ns, registry=self.registry,
+            "request_seconds",
+            "Time to answer a text-to-image request, retries included.",
+            ["model"],
+            buckets=GENERATION_BUCKETS,
+            namespace=ns,
+            registry=self.registry,
         )
         self.attempts = Counter(
-            "attempts", "Requests sent to orchestrators, by outcome (ok, client_error, busy, failed).",
-            ["orchestrator", "outcome"], namespace=ns, registry=self.registry,
+            "attempts",
+            "Requests sent to orchestrators, by outcome (ok, client_error, busy, failed).",
+            ["orchestrator", "outcome"],
+            namespace=ns,
+            registry=self.registry,
         )
-        self.retries = Counter(
-            "retries", "Attempts moved to another orchestrator after a failure.", namespace=ns, registry=self.registry
-        )
+        self.retries = Counter("retries", "Attempts moved to another orchestrator after a failure.", namespace=ns, registry=self.registry)
         self.orchestrators = Gauge(
-            "orchestrators", "Orchestrators by state: known, healthy, suspended.", ["state"],
-            namespace=ns, registry=self.registry,
+            "orchestrators",
+            "Orchestrators by state: known, healthy, suspended.",
+            ["state"],
+            namespace=ns,
+            registry=self.registry,
         )
-        self.in_flight = Gauge(
-            "in_flight", "Text-to-image requests being handled.", namespace=ns, registry=self.registry
-        )
+        self.in_flight = Gauge("in_flight", "Text-to-image requests being handled.", namespace=ns, registry=self.registry)
         self.queued = Gauge(
-            "queued", "Requests waiting at the gateway for a free slot on a node (--max-queued).",
-            namespace=ns, registry=self.registry,
+            "queued",
+            "Requests waiting at the gateway for a free slot on a node (--max-queued).",
+            namespace=ns,
+            registry=self.registry,
         )
-        self.stream_bytes = Counter(
-            "stream_bytes", "Image bytes proxied through /stream.", namespace=ns, registry=self.registry
-        )
+        self.stream_bytes = Counter("stream_bytes", "Image bytes proxied through /stream.", namespace=ns, registry=self.registry)
         self.registry_errors = Counter(
             "registry_errors",
             "Registry problems: registry file versions rejected, Redis registry outages (the last good set was kept).",
-            namespace=ns, registry=self.registry,
+            namespace=ns,
+            registry=self.registry,
         )
 
     ATTEMPT_OUTCOMES = ("ok", "client_error", "busy", "failed")

@@ -61,8 +61,13 @@ def _output_paths(output: Path, count: int) -> list[Path]:
 
 async def generate(session: aiohttp.ClientSession, gateway: str, args: argparse.Namespace) -> None:
     body: dict[str, Any] = {"prompt": args.prompt, "width": args.width, "height": args.height, "num_images_per_prompt": args.n}
-    optional = {"model_id": args.model, "seed": args.seed, "num_inference_steps": args.steps,
-                "guidance_scale": args.guidance, "negative_prompt": args.negative_prompt}
+    optional = {
+        "model_id": args.model,
+        "seed": args.seed,
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance,
+        "negative_prompt": args.negative_prompt,
+    }
     body.update({key: value for key, value in optional.items() if value is not None})
     result = None
     async with session.post(f"{gateway}/text-to-image", json=body, headers={"Accept": EVENT_STREAM}) as response:

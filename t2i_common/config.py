@@ -69,9 +69,7 @@ def parse_bool(text: str) -> bool:
     raise ValueError(f"not a boolean: {text!r}")
 
 
-def load_options(
-    prog: str, description: str, options: Sequence[Option], argv: Sequence[str] | None, env_prefix: str
-) -> dict[str, Any]:
+def load_options(prog: str, description: str, options: Sequence[Option], argv: Sequence[str] | None, env_prefix: str) -> dict[str, Any]:
     """Resolve every option; raises ``ConfigError`` for a bad value, exits on a bad flag (argparse)."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", type=Path, help=f"TOML or JSON file with any of the options below (env {env_prefix}_CONFIG)")

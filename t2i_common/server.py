@@ -89,9 +89,7 @@ def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
     return context
 
 
-async def serve(
-    app: web.Application, *, host: str, port: int, grace_s: float, ssl_context: ssl.SSLContext | None = None
-) -> str | None:
+async def serve(app: web.Application, *, host: str, port: int, grace_s: float, ssl_context: ssl.SSLContext | None = None) -> str | None:
     """Serve until SIGTERM or SIGINT, then drain for up to ``grace_s`` seconds and clean up.
 
     Returns None after a clean stop, or the failure that stopped the daemon (see ``Stop.fail``).
@@ -117,5 +115,3 @@ async def serve(
         await runner.cleanup()
     logger.info("stopped")
     return stop.failure
-
-

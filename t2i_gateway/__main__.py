@@ -19,6 +19,7 @@ from .app import create_app
 from .config import GatewayConfig, load_config
 from .local import LocalOrchestrator
 
+
 def build_app(config: GatewayConfig) -> web.Application:
     metrics = GatewayMetrics()
     backends: list[Discovery] = []
@@ -29,7 +30,9 @@ def build_app(config: GatewayConfig) -> web.Application:
     if static:
         backends.append(StaticDiscovery(static))
     if config.registry:
-        backends.append(open_discovery(config.registry, heartbeat_ttl_s=config.heartbeat_ttl_s, on_error=lambda _: metrics.registry_errors.inc()))
+        backends.append(
+            open_discovery(config.registry, heartbeat_ttl_s=config.heartbeat_ttl_s, on_error=lambda _: metrics.registry_errors.inc())
+        )
     stream_secret = config.stream_secret.encode() if config.stream_secret else secrets.token_bytes(32)
     app = create_app(config, discovery=CombinedDiscovery(backends), stream_secret=stream_secret, metrics_=metrics)
     if local:

@@ -40,9 +40,9 @@ from t2i_common.schemas import TextToImageRequest, build_request_schema, decode_
 from t2i_common.server import DRAIN, Drain
 from t2i_common.sse import Notify, respond_with_events, wants_events
 
+from . import openai_api
 from .config import GatewayConfig
 from .nodes import NodePool, retry_after_s
-from . import openai_api
 from .openapi import build_openapi
 from .stream_tokens import StreamSigner, StreamTarget
 from .upstream import AttemptResult, attempt
@@ -229,7 +229,13 @@ async def _observed(
         metrics_.request_seconds.labels(model_id).observe(seconds)
         logger.info(
             "request %s: model %s node %s attempts %d status %d in %.2f s prompt %s",
-            trace.request_id, model_id, trace.node, trace.attempts, status, seconds, prompt_for_log(prompt, config.log_prompts),
+            trace.request_id,
+            model_id,
+            trace.node,
+            trace.attempts,
+            status,
+            seconds,
+            prompt_for_log(prompt, config.log_prompts),
         )
 
 
@@ -289,7 +295,9 @@ async def _generate(
             pool.failed(node, last.reason)
     retry_after = retry_after_s(pool.healthy())
     if last is None:
-        raise ServiceUnavailable(f"Every orchestrator that serves {model_id!r} is busy, suspended or down; retry later.", retry_after=retry_after)
+        raise ServiceUnavailable(
+            f"Every orchestrator that serves {model_id!r} is busy, suspended or down; retry later.", retry_after=retry_after
+        )
     raise ServiceUnavailable(
         f"No orchestrator could generate the image ({len(tried)} tried, last: {last.reason}); retry later.", retry_after=retry_after
     )
@@ -340,7 +348,9 @@ async def _image_bytes(app: web.Application, url: str) -> bytes:
         raise BadGateway("An image url could not be resolved.")
     timeout = aiohttp.ClientTimeout(total=60, sock_connect=app[CONFIG].connect_timeout_s)
     try:
-        async with app[SESSION].get(f"{target.node_url}{target.path}", headers=app[POOL].auth_headers(target.node_url), timeout=timeout) as upstream:
+        async with app[SESSION].get(
+            f"{target.node_url}{target.path}", headers=app[POOL].auth_headers(target.node_url), timeout=timeout
+        ) as upstream:
             if upstream.status != 200:
                 raise BadGateway(f"The orchestrator holding the image answered {upstream.status}.")
             return await upstream.read()
@@ -417,4 +427,3 @@ def _check_api_key(config: GatewayConfig, request: web.Request) -> None:
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not any(hmac.compare_digest(key.encode(), k.encode()) for k in config.api_keys):
         raise Unauthorized("A valid API key is required: send 'Authorization: Bearer <key>'.")
-

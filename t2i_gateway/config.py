@@ -39,7 +39,9 @@ OPTIONS = (
         type=positive(float),
         default=30.0,
     ),
-    Option("orchestrator-ca", "CA certificate (PEM) that https:// orchestrators' certificates must chain to (default: the system's)", type=Path),
+    Option(
+        "orchestrator-ca", "CA certificate (PEM) that https:// orchestrators' certificates must chain to (default: the system's)", type=Path
+    ),
     Option("local-orchestrator", "also start an orchestrator with the demo model as a managed child process", flag=True, default=False),
     *secret_options("orchestrator-secret", "bearer secret sent to orchestrators"),
     Option("api-key", "API key that clients must send as 'Authorization: Bearer <key>' (repeatable)", repeat=True),
@@ -57,7 +59,9 @@ OPTIONS = (
     ),
     Option("queue-timeout", "seconds a request waits for a free slot before its 503", type=positive(float), default=30.0),
     Option("max-attempts", "orchestrators tried per request", type=positive(int), default=3),
-    Option("request-timeout", "overall deadline of a request, generation and retries included (seconds)", type=positive(float), default=300.0),
+    Option(
+        "request-timeout", "overall deadline of a request, generation and retries included (seconds)", type=positive(float), default=300.0
+    ),
     Option("connect-timeout", "seconds to connect to an orchestrator", type=positive(float), default=2.0),
     Option("probe-interval", "seconds between /capabilities probes of an idle orchestrator", type=positive(float), default=5.0),
     Option("probe-timeout", "seconds a /capabilities probe may take before the node counts as down", type=positive(float), default=3.0),

@@ -52,10 +52,17 @@ def _image_generation_schema(limits: Limits) -> Schema:
         prompt = livepeer["prompt"]
         model = fields.String(load_default="", validate=validate.Length(max=256))
         n = fields.Integer(strict=True, load_default=1, validate=validate.Range(min=1, max=limits.max_images))
-        size = fields.String(load_default="auto", validate=validate.Regexp(r"^(auto|[0-9]{1,5}x[0-9]{1,5})$", error="Must be 'auto' or WIDTHxHEIGHT such as '512x512'."))
+        size = fields.String(
+            load_default="auto",
+            validate=validate.Regexp(r"^(auto|[0-9]{1,5}x[0-9]{1,5})$", error="Must be 'auto' or WIDTHxHEIGHT such as '512x512'."),
+        )
         response_format = fields.String(load_default="url", validate=validate.OneOf(("url", "b64_json")))
-        quality = fields.String(load_default="auto", validate=validate.OneOf(QUALITIES, error=f"Only {', '.join(QUALITIES)} are supported here."))
-        style = fields.String(load_default=None, validate=validate.OneOf(STYLES, error="Only 'natural' is supported here: prompts are not rewritten."))
+        quality = fields.String(
+            load_default="auto", validate=validate.OneOf(QUALITIES, error=f"Only {', '.join(QUALITIES)} are supported here.")
+        )
+        style = fields.String(
+            load_default=None, validate=validate.OneOf(STYLES, error="Only 'natural' is supported here: prompts are not rewritten.")
+        )
         output_format = fields.String(load_default="png", validate=validate.OneOf(OUTPUT_FORMATS, error="Only 'png' is served here."))
         user = fields.String(load_default=None, validate=validate.Length(max=256))
         seed = livepeer["seed"]
@@ -92,7 +99,13 @@ class OpenAIRequests:
         if size is None:  # "64x64\n" gets past the pattern's $
             raise InvalidFields([("size", "Must be 'auto' or WIDTHxHEIGHT such as '512x512'.", "value_error")])
         width, height = size
-        livepeer = {"prompt": body["prompt"], "model_id": body["model"], "width": width, "height": height, "num_images_per_prompt": body["n"]}
+        livepeer = {
+            "prompt": body["prompt"],
+            "model_id": body["model"],
+            "width": width,
+            "height": height,
+            "num_images_per_prompt": body["n"],
+        }
         livepeer |= {name: data[name] for name in LIVEPEER_EXTRAS if name in data}  # as sent: checked with the rest below
         try:
             return validate_request(livepeer, self._livepeer_schema), body["response_format"]

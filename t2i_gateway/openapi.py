@@ -178,7 +178,10 @@ def _openai_paths(spec: APISpec, limits: Limits, security: list[dict[str, list[s
                 "security": security,
                 "requestBody": {"required": True, "content": {"application/json": {"schema": "OpenAIImageGenerationParams"}}},
                 "responses": {
-                    "200": {"description": "The images, as urls or base64.", "content": {"application/json": {"schema": "OpenAIImagesResponse"}}},
+                    "200": {
+                        "description": "The images, as urls or base64.",
+                        "content": {"application/json": {"schema": "OpenAIImagesResponse"}},
+                    },
                     "400": _error("An invalid request: malformed JSON, a bad field, a model no orchestrator offers.", "OpenAIError"),
                     **unauthorized,
                     "500": _error("Generation failed on the orchestrator.", "OpenAIError"),
@@ -196,7 +199,10 @@ def _openai_paths(spec: APISpec, limits: Limits, security: list[dict[str, list[s
                 "summary": "OpenAI's model list: the models on offer.",
                 "operationId": "openaiListModels",
                 "security": security,
-                "responses": {"200": {"description": "The models.", "content": {"application/json": {"schema": "OpenAIModelList"}}}, **unauthorized},
+                "responses": {
+                    "200": {"description": "The models.", "content": {"application/json": {"schema": "OpenAIModelList"}}},
+                    **unauthorized,
+                },
             }
         },
     )

@@ -177,7 +177,12 @@ async def _registration(app: web.Application) -> AsyncIterator[None]:
             await asyncio.wait_for(registrar.heartbeat(), config.heartbeat_interval_s)
         except Exception as exc:  # whatever the backend raises, the node serves on
             if not failing:
-                logger.error("could not reach the registry %s: %s; retrying every %.0f s", registrar.where, exc or type(exc).__name__, config.heartbeat_interval_s)
+                logger.error(
+                    "could not reach the registry %s: %s; retrying every %.0f s",
+                    registrar.where,
+                    exc or type(exc).__name__,
+                    config.heartbeat_interval_s,
+                )
             failing = True
             return
         if failing:
@@ -237,9 +242,7 @@ async def text_to_image(request: web.Request) -> web.StreamResponse:
     return web.json_response(await _generate(request, job, model_id, seed, None))
 
 
-async def _generate(
-    request: web.Request, job: TextToImageRequest, model_id: str, seed: int, notify: Notify | None
-) -> dict[str, Any]:
+async def _generate(request: web.Request, job: TextToImageRequest, model_id: str, seed: int, notify: Notify | None) -> dict[str, Any]:
     app = request.app
     config = app[CONFIG]
     started = time.monotonic()
@@ -248,14 +251,20 @@ async def _generate(
     image_id, names = await app[STORE].save([image.png for image in images])
     logger.info(
         "request %s: %s %dx%d x%d seed %d prompt %s: %d images in %.2f s",
-        request.headers.get("X-Request-ID", "-"), model_id, job.width, job.height, job.num_images_per_prompt,
-        seed, prompt_for_log(job.prompt, config.log_prompts), len(images), time.monotonic() - started,
+        request.headers.get("X-Request-ID", "-"),
+        model_id,
+        job.width,
+        job.height,
+        job.num_images_per_prompt,
+        seed,
+        prompt_for_log(job.prompt, config.log_prompts),
+        len(images),
+        time.monotonic() - started,
     )
     base = config.advertise_url or f"{request.scheme}://{request.host}"
     return {
         "images": [
-            {"url": f"{base}/stream/{image_id}/{name}.png", "seed": image.seed, "nsfw": image.nsfw}
-            for name, image in zip(names, images)
+            {"url": f"{base}/stream/{image_id}/{name}.png", "seed": image.seed, "nsfw": image.nsfw} for name, image in zip(names, images)
         ]
     }
 
@@ -265,9 +274,7 @@ async def stream_image(request: web.Request) -> web.StreamResponse:
     path = await store.find(request.match_info["image_id"], request.match_info["name"])
     if path is None:
         raise NotFound("Image not found: it never existed or it has expired.")
-    return web.FileResponse(
-        path, headers={"Content-Type": "image/png", "Cache-Control": f"private, max-age={int(store.ttl_s)}"}
-    )
+    return web.FileResponse(path, headers={"Content-Type": "image/png", "Cache-Control": f"private, max-age={int(store.ttl_s)}"})
 
 
 async def capabilities(request: web.Request) -> web.Response:

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from discovery import RegistrySettings, normalize_url, registry_settings
 from t2i_common.config import (
     COMMON_OPTIONS,
     LIMIT_OPTIONS,
@@ -20,7 +21,6 @@ from t2i_common.config import (
     read_secret,
     secret_options,
 )
-from discovery import RegistrySettings, normalize_url, registry_settings
 from t2i_common.schemas import Limits
 
 from .demo_model import DEMO_MODEL_ID

@@ -21,9 +21,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
+import diffusers
 import numpy as np
 import torch
-import diffusers
 import transformers
 from diffusers import AutoPipelineForText2Image, DiffusionPipeline
 
@@ -39,7 +39,6 @@ from .models import ModelProfile, ModelSpec, dtype_for, profile_for
 logger = logging.getLogger(__name__)
 diffusers.utils.logging.disable_progress_bar()
 transformers.utils.logging.disable_progress_bar()
-
 
 
 def resolve_device(name: str) -> str:
@@ -216,9 +215,7 @@ class DiffusersEngine:
             nsfw = self._safety_flags(model, images) if check_safety else [False] * len(images)
         results, start = [], 0
         for generation, n in zip(generations, counts):
-            results.append(
-                [GeneratedImage(_encode_png(images[start + i]), generation.seed + i, nsfw[start + i]) for i in range(n)]
-            )
+            results.append([GeneratedImage(_encode_png(images[start + i]), generation.seed + i, nsfw[start + i]) for i in range(n)])
             start += n
         return results
 

@@ -98,7 +98,9 @@ class LoraFetcher:
         if self._policy == "off":
             raise BadRequest(f"LoRA {lora_id!r} could not be loaded: this node takes LoRAs from its own folder only (--lora-hub off).")
         if self._patterns and not any(fnmatch.fnmatchcase(lora_id, pattern) for pattern in self._patterns):
-            raise BadRequest(f"LoRA {lora_id!r} could not be loaded: this node allows only Hugging Face LoRAs matching {', '.join(self._patterns)}.")
+            raise BadRequest(
+                f"LoRA {lora_id!r} could not be loaded: this node allows only Hugging Face LoRAs matching {', '.join(self._patterns)}."
+            )
         loop = asyncio.get_running_loop()
         cached = await loop.run_in_executor(self._executor, self._hub.cached, lora_id)
         if cached:

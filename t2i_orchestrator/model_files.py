@@ -53,7 +53,7 @@ def locate(spec: ModelSpec, device: str, *, source: str | Path | None = None) ->
 
 
 def pick_variant(folder: Path, device: str) -> str | None:
-    """"fp16" when the folder has half-precision weights and either a GPU takes them or nothing else is there."""
+    """ "fp16" when the folder has half-precision weights and either a GPU takes them or nothing else is there."""
     names = [path.name for path in folder.rglob("*") if _WEIGHTS.fullmatch(path.name)]
     variants = {match["variant"] for name in names if (match := _VARIANT.fullmatch(name))}
     plain = any(not _VARIANT.fullmatch(name) for name in names)

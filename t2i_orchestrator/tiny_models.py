@@ -24,8 +24,9 @@ import re
 import shutil
 import string
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .demo_model import _CORPUS, _train_tokenizer, tiny_safety_checker
 
@@ -497,4 +498,3 @@ def ensure_local_folders(cache_dir: Path, *, fp16_only: bool = False) -> dict[st
     """``ensure_hub_cache``, then each repo id's snapshot folder (usable as a local model path)."""
     hub = ensure_hub_cache(cache_dir, fp16_only=fp16_only)
     return {repo_id: snapshot_dir(hub, repo_id) for repo_id in REPOS}
-

@@ -134,8 +134,16 @@ class FakeOrchestrator:
         if self.mode == "hang":
             await self.release.wait()
         return web.json_response(
-            {"node_id": "fake", "version": "0", "device": "fake", "status": self.status, "capacity": self.capacity,
-             "in_flight": self.busy_report, "queued": 0, "models": self.models}
+            {
+                "node_id": "fake",
+                "version": "0",
+                "device": "fake",
+                "status": self.status,
+                "capacity": self.capacity,
+                "in_flight": self.busy_report,
+                "queued": 0,
+                "models": self.models,
+            }
         )
 
     async def _text_to_image(self, request: web.Request) -> web.Response:

@@ -64,8 +64,20 @@ class RedisServer:
             if self.password:
                 args += ["--requirepass", self.password]
             if self.tls:
-                args += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(self.tls.cert),
-                         "--tls-key-file", str(self.tls.key), "--tls-ca-cert-file", str(self.tls.ca), "--tls-auth-clients", "no"]
+                args += [
+                    "--port",
+                    "0",
+                    "--tls-port",
+                    str(self.port),
+                    "--tls-cert-file",
+                    str(self.tls.cert),
+                    "--tls-key-file",
+                    str(self.tls.key),
+                    "--tls-ca-cert-file",
+                    str(self.tls.ca),
+                    "--tls-auth-clients",
+                    "no",
+                ]
             else:
                 args += ["--port", str(self.port)]
             self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)

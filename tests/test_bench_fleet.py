@@ -32,22 +32,36 @@ ROWS = (
     "gateway CPU/request, 1 node",
 )
 SUMMARY_KEYS = (
-    "nodes", "routable_s", "select_us_10", "select_us_100", "select_us_1000", "select_ratio_1000_10", "idle_cpu_pct",
-    "idle_cpu_pct_1", "rss_mib", "hwm_mib", "rps_n", "rps_1", "rps_ratio",
+    "nodes",
+    "routable_s",
+    "select_us_10",
+    "select_us_100",
+    "select_us_1000",
+    "select_ratio_1000_10",
+    "idle_cpu_pct",
+    "idle_cpu_pct_1",
+    "rss_mib",
+    "hwm_mib",
+    "rps_n",
+    "rps_1",
+    "rps_ratio",
 )
 
 
 def test_the_fleet_bench_prints_every_row_and_a_summary_of_finite_figures() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "bench.fleet", "--nodes", "20", "--seconds", "1", "--idle-seconds", "1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
     for row in ROWS:
         matching = [line for line in lines if line.startswith(row)]
         assert matching, f"no row {row!r} in:\n{result.stdout}"
-        assert re.search(r"\d", matching[0][len(row):]) and "nan" not in matching[0], matching[0]
+        assert re.search(r"\d", matching[0][len(row) :]) and "nan" not in matching[0], matching[0]
     for goal_row in ("selection/request @ 1000 nodes", "gateway idle CPU, 20 nodes", "requests/s ratio 20 : 1"):
         line = next(line for line in lines if line.startswith(goal_row))
         assert line.endswith(("met", "MISSED")), line

@@ -25,7 +25,7 @@ ROWS = (
     "engine/raw",
     "PNG encoding of one image (inside engine)",
     "images/s, 1 image per call",
-    "images/s, num_images_per_prompt=4",
+    "images/s, 4 requests batched",
     "TORCH_COMPILE",
 )
 

@@ -13,7 +13,13 @@ from .helpers import MakeGateway
 
 async def t2i(gateway_url: str, *args: str, cwd: Path, env: dict[str, str] | None = None) -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "t2i_cli", *args, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "t2i_cli",
+        *args,
+        cwd=cwd,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "T2I_GATEWAY_URL": gateway_url, **(env or {})},
     )
     stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=60)
@@ -25,8 +31,24 @@ async def test_generate_shows_progress_downloads_and_prints_seeds(make_gateway: 
     fake = FakeOrchestrator()
     gateway = await make_gateway(fake)
     url = str(gateway.client.make_url("")).rstrip("/")
-    code, out, err = await t2i(url, "generate", "a cool cat on the beach", "-o", "cat.png", "-n", "2", "--seed", "9", "--steps", "3",
-                               "--width", "64", "--height", "64", cwd=tmp_path)
+    code, out, err = await t2i(
+        url,
+        "generate",
+        "a cool cat on the beach",
+        "-o",
+        "cat.png",
+        "-n",
+        "2",
+        "--seed",
+        "9",
+        "--steps",
+        "3",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        cwd=tmp_path,
+    )
     assert code == 0, err
     assert out.splitlines() == ["cat-1.png\tseed 9\tnsfw false", "cat-2.png\tseed 10\tnsfw false"]
     assert (tmp_path / "cat-1.png").read_bytes() == fake.image == (tmp_path / "cat-2.png").read_bytes()

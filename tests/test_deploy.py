@@ -529,7 +529,7 @@ def test_redis_admits_only_the_daemons() -> None:
 
 
 def test_models_configmap_loads_and_the_job_downloads_every_model(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    (where, template, container, daemon), = [entry for entry in k8s_daemon_containers() if entry[3] == "t2i-orchestrator"]
+    ((where, template, container, daemon),) = [entry for entry in k8s_daemon_containers() if entry[3] == "t2i-orchestrator"]
     values = settings(daemon, k8s_args(container), k8s_env(container), monkeypatch)
     models_path = Path(str(values["models"]))
     mount = next(m for m in container["volumeMounts"] if models_path.parent == Path(m["mountPath"]))

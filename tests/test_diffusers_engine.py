@@ -14,9 +14,9 @@ from prometheus_client import CollectorRegistry
 from metrics import OrchestratorMetrics
 from t2i_common.errors import BadRequest
 from t2i_common.schemas import TextToImageRequest
+from t2i_orchestrator import diffusers_engine
 from t2i_orchestrator.app import create_app
 from t2i_orchestrator.config import OrchestratorConfig
-from t2i_orchestrator import diffusers_engine
 from t2i_orchestrator.demo_model import DEMO_MODEL_ID
 from t2i_orchestrator.engine import GenerationCancelled
 from t2i_orchestrator.models import ModelSpec

@@ -71,6 +71,8 @@ def test_systemd_units_verify(tmp_path: Path) -> None:
         daemon = unit.stem
         text = unit.read_text().replace(f"/opt/t2i/venv/bin/{daemon}", str(Path(sys.executable).with_name(daemon)))
         (tmp_path / unit.name).write_text(text)
-        done = subprocess.run([systemd_analyze, "verify", "--man=no", str(tmp_path / unit.name)], capture_output=True, text=True, timeout=60)
+        done = subprocess.run(
+            [systemd_analyze, "verify", "--man=no", str(tmp_path / unit.name)], capture_output=True, text=True, timeout=60
+        )
         # verify only warns (exit 0) about unknown keys or bad values: its output must be empty too.
         assert done.returncode == 0 and not done.stderr.strip() and not done.stdout.strip(), done.stdout + done.stderr

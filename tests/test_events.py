@@ -52,7 +52,7 @@ async def test_a_failure_during_generation_is_an_error_event(make_client: MakeCl
     engine.generate = broken  # type: ignore[method-assign]
     events = await collect(await client.post("/text-to-image", json={"prompt": "a"}, headers=SSE))
     assert events[-1] == ("error", {"status": 500, "body": {"detail": {"msg": "the device caught fire"}}})
-    metrics = (await (await client.get("/metrics")).text())
+    metrics = await (await client.get("/metrics")).text()
     assert 't2i_orchestrator_requests_total{status="500"} 1.0' in metrics and 'status="200"' not in metrics
 
 

@@ -43,7 +43,9 @@ def hub(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     hub = tiny_models.ensure_hub_cache(model_cache)
     tiny_models.place_in_hub_cache(hub, REALVIS, tiny_models.snapshot_dir(hub, SDXL_TURBO))
-    tiny_models.place_in_hub_cache(hub, LORA_REPO, _build_sdxl_lora(tiny_models.snapshot_dir(hub, SDXL_TURBO), tmp_path_factory.mktemp("lora")))
+    tiny_models.place_in_hub_cache(
+        hub, LORA_REPO, _build_sdxl_lora(tiny_models.snapshot_dir(hub, SDXL_TURBO), tmp_path_factory.mktemp("lora"))
+    )
     return hub
 
 
@@ -82,20 +84,30 @@ def nodes(hub: Path, model_cache: Path, tmp_path_factory: pytest.TempPathFactory
     empty_hub = work / "empty-hub"
     empty_hub.mkdir()
     fp16_hub = tiny_models.ensure_hub_cache(model_cache, fp16_only=True)
-    lightning_models = _models_file(work / "lightning", [
-        {"model_id": LIGHTNING_4, "warm": True},
-        {"model_id": LIGHTNING_2},
-        {"model_id": LIGHTNING_8},
-        {"model_id": REALVIS},
-    ])
-    local_models = _models_file(work / "local", [
-        {"model_id": "local/sd-turbo", "path": snapshot(SD_TURBO), "family": "turbo", "warm": True},
-        {"model_id": "local/sdxl-turbo", "path": snapshot(SDXL_TURBO), "family": "turbo", "warm": True},
-        {"model_id": LIGHTNING_4, "path": snapshot("stabilityai/stable-diffusion-xl-base-1.0"),
-         "unet_path": f"{snapshot('ByteDance/SDXL-Lightning')}/sdxl_lightning_4step_unet.safetensors", "warm": True},
-        {"model_id": "local/schnell", "path": snapshot(SCHNELL), "family": "flux-schnell", "warm": True},
-        {"model_id": "local/dev", "path": snapshot(DEV), "family": "flux-dev", "default_steps": 2, "warm": True},
-    ])
+    lightning_models = _models_file(
+        work / "lightning",
+        [
+            {"model_id": LIGHTNING_4, "warm": True},
+            {"model_id": LIGHTNING_2},
+            {"model_id": LIGHTNING_8},
+            {"model_id": REALVIS},
+        ],
+    )
+    local_models = _models_file(
+        work / "local",
+        [
+            {"model_id": "local/sd-turbo", "path": snapshot(SD_TURBO), "family": "turbo", "warm": True},
+            {"model_id": "local/sdxl-turbo", "path": snapshot(SDXL_TURBO), "family": "turbo", "warm": True},
+            {
+                "model_id": LIGHTNING_4,
+                "path": snapshot("stabilityai/stable-diffusion-xl-base-1.0"),
+                "unet_path": f"{snapshot('ByteDance/SDXL-Lightning')}/sdxl_lightning_4step_unet.safetensors",
+                "warm": True,
+            },
+            {"model_id": "local/schnell", "path": snapshot(SCHNELL), "family": "flux-schnell", "warm": True},
+            {"model_id": "local/dev", "path": snapshot(DEV), "family": "flux-dev", "default_steps": 2, "warm": True},
+        ],
+    )
     common = ["--cache-dir", str(model_cache), "--threads", "1"]
     plans: dict[str, tuple[list[str], Path]] = {
         "sd-turbo": (["--model", SD_TURBO], hub),
@@ -137,9 +149,10 @@ async def image_bytes(url: str, **fields: Any) -> bytes:
 async def steps_run(url: str, **fields: Any) -> int:
     """How many denoising steps the node ran, from its live progress events."""
     body = {"prompt": "a", "width": 64, "height": 64, **fields}
-    async with aiohttp.ClientSession() as session, session.post(
-        f"{url}/text-to-image", json=body, headers={"Accept": "text/event-stream"}
-    ) as response:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{url}/text-to-image", json=body, headers={"Accept": "text/event-stream"}) as response,
+    ):
         events = [event async for event in read_events(response.content)]
     assert events[-1][0] == "result", events[-1]
     return max(data["step"] for name, data in events if name == "progress")
@@ -172,13 +185,16 @@ async def test_each_family_generates_with_its_defaults(nodes: dict[str, str], no
     assert len(picture.convert("L").getcolors(maxcolors=256) or []) > 10  # a real picture, not a blank
 
 
-@pytest.mark.parametrize(("node", "model_id", "steps"), [
-    ("sd-turbo", SD_TURBO, 1),
-    ("lightning", LIGHTNING_4, 4),
-    ("lightning", REALVIS, 6),
-    ("flux", SCHNELL, 4),
-    ("local", "local/dev", 2),  # the models file's default_steps
-])
+@pytest.mark.parametrize(
+    ("node", "model_id", "steps"),
+    [
+        ("sd-turbo", SD_TURBO, 1),
+        ("lightning", LIGHTNING_4, 4),
+        ("lightning", REALVIS, 6),
+        ("flux", SCHNELL, 4),
+        ("local", "local/dev", 2),  # the models file's default_steps
+    ],
+)
 async def test_default_steps_follow_the_family(nodes: dict[str, str], node: str, model_id: str, steps: int) -> None:
     assert await steps_run(nodes[node], model_id=model_id) == steps
 
@@ -244,8 +260,12 @@ async def test_without_a_checker_an_explicit_safety_check_is_a_400(nodes: dict[s
 
 
 def run_until_exit(args: list[str], hub_cache: Path, log_dir: Path, model_cache: Path) -> tuple[int, str]:
-    daemon = start("t2i_orchestrator", ["--cache-dir", str(model_cache), "--storage-dir", str(log_dir / "images"), *args], log_dir,
-                   {"HF_HUB_CACHE": str(hub_cache), "HF_HUB_OFFLINE": "1"})
+    daemon = start(
+        "t2i_orchestrator",
+        ["--cache-dir", str(model_cache), "--storage-dir", str(log_dir / "images"), *args],
+        log_dir,
+        {"HF_HUB_CACHE": str(hub_cache), "HF_HUB_OFFLINE": "1"},
+    )
     try:
         code = daemon.process.wait(timeout=120)
     except subprocess.TimeoutExpired:

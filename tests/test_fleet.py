@@ -33,8 +33,20 @@ class Fleet:
         port = free_port()
         logs = self.folder / name
         logs.mkdir()
-        args = ["--cache-dir", str(self.model_cache), "--storage-dir", str(logs / "images"), "--threads", "1",
-                "--register", self.redis.url, "--advertise-url", f"http://127.0.0.1:{port}", *HEARTBEAT, *extra]
+        args = [
+            "--cache-dir",
+            str(self.model_cache),
+            "--storage-dir",
+            str(logs / "images"),
+            "--threads",
+            "1",
+            "--register",
+            self.redis.url,
+            "--advertise-url",
+            f"http://127.0.0.1:{port}",
+            *HEARTBEAT,
+            *extra,
+        ]
         return start("t2i_orchestrator", args, logs, port=port)
 
 
@@ -49,7 +61,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Iterat
         for i in range(2):
             logs = folder / f"gateway-{i}"
             logs.mkdir()
-            fleet.gateways.append(start("t2i_gateway", ["--registry", redis.url, "--stream-secret", "shared", "--heartbeat-ttl", "3"], logs))
+            fleet.gateways.append(
+                start("t2i_gateway", ["--registry", redis.url, "--stream-secret", "shared", "--heartbeat-ttl", "3"], logs)
+            )
         for daemon in fleet.nodes + fleet.gateways:
             wait_healthy(daemon)
         asyncio.run(_until_gateways_see(fleet, {node.url for node in fleet.nodes}))
@@ -183,12 +197,27 @@ async def test_a_node_serving_https_is_verified_by_the_gateway(tmp_path: Path, m
     port = free_port()
     node = start(
         "t2i_orchestrator",
-        ["--cache-dir", str(model_cache), "--storage-dir", str(tmp_path / "images"), "--threads", "1",
-         "--tls-cert", str(tls.cert), "--tls-key", str(tls.key), "--secret", "node-secret"],
-        tmp_path, port=port,
+        [
+            "--cache-dir",
+            str(model_cache),
+            "--storage-dir",
+            str(tmp_path / "images"),
+            "--threads",
+            "1",
+            "--tls-cert",
+            str(tls.cert),
+            "--tls-key",
+            str(tls.key),
+            "--secret",
+            "node-secret",
+        ],
+        tmp_path,
+        port=port,
     )
     node_url = f"https://127.0.0.1:{port}"
-    trusting = start("t2i_gateway", ["--orchestrator", node_url, "--orchestrator-ca", str(tls.ca), "--orchestrator-secret", "node-secret"], tmp_path)
+    trusting = start(
+        "t2i_gateway", ["--orchestrator", node_url, "--orchestrator-ca", str(tls.ca), "--orchestrator-secret", "node-secret"], tmp_path
+    )
     doubting = start("t2i_gateway", ["--orchestrator", node_url, "--orchestrator-secret", "node-secret"], tmp_path)  # system CAs only
     try:
         wait_healthy(trusting)

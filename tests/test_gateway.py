@@ -11,13 +11,13 @@ from prometheus_client import CollectorRegistry
 
 from discovery import Endpoint, StaticDiscovery
 from metrics import GatewayMetrics
+from t2i_common.sse import read_events
 from t2i_gateway.app import POOL, create_app
 from t2i_gateway.config import GatewayConfig
 
-from t2i_common.sse import read_events
-
 from .fakes import FakeOrchestrator
 from .helpers import BODY, ON_DEMAND, MakeGateway, wait_until
+
 
 async def test_requests_spread_across_equal_nodes(make_gateway: MakeGateway) -> None:
     fakes = [FakeOrchestrator(), FakeOrchestrator(), FakeOrchestrator()]
@@ -267,8 +267,11 @@ async def test_stream_ids_work_on_any_gateway_with_the_same_secret(make_gateway:
     node = gateway.url_of(0)
     for secret, status in ((b"test-secret", 200), (b"other-secret", 404)):
         config = GatewayConfig(orchestrators=(node,))
-        other = await aiohttp_client(create_app(config, discovery=StaticDiscovery([Endpoint(node)]), stream_secret=secret,
-                                                metrics_=GatewayMetrics(CollectorRegistry())))
+        other = await aiohttp_client(
+            create_app(
+                config, discovery=StaticDiscovery([Endpoint(node)]), stream_secret=secret, metrics_=GatewayMetrics(CollectorRegistry())
+            )
+        )
         assert (await other.get(path)).status == status
 
 
@@ -358,7 +361,7 @@ async def test_a_burst_on_a_full_fleet_waits_for_free_slots_in_arrival_order(mak
     waiting = []
     for seed in (1, 2, 3):  # one after the other, so that their arrival order is known
         waiting.append(asyncio.create_task(gateway.post({**BODY, "seed": seed})))
-        await wait_until(lambda: gateway.metrics.registry.get_sample_value("t2i_gateway_queued") == seed)
+        await wait_until(lambda waiting=seed: gateway.metrics.registry.get_sample_value("t2i_gateway_queued") == waiting)
     node.release.set()
     assert [r.status for r in await asyncio.gather(first, *waiting)] == [200] * 4
     assert [request["seed"] for request in node.requests] == [0, 1, 2, 3]
@@ -410,8 +413,14 @@ async def test_openai_requests_are_checked_and_answered_in_openais_shape(make_ga
     ok = await gateway.client.post("/v1/images/generations", json={"prompt": "a cat", "size": "64x64", "n": 2}, headers=auth)
     body = await ok.json()
     assert ok.status == 200 and len(body["data"]) == 2 and body["data"][0]["url"].startswith("http") and body["created"] > 0
-    assert fake.requests[-1] == {"prompt": "a cat", "model_id": "m/warm", "width": 64, "height": 64, "num_images_per_prompt": 2,
-                                 "negative_prompt": ""}
+    assert fake.requests[-1] == {
+        "prompt": "a cat",
+        "model_id": "m/warm",
+        "width": 64,
+        "height": 64,
+        "num_images_per_prompt": 2,
+        "negative_prompt": "",
+    }
     for fields, param, words in [
         ({"size": "64x64\n"}, "size", "WIDTHxHEIGHT"),
         ({"size": "65x64"}, "size", "multiple of 8"),

@@ -187,7 +187,9 @@ def test_logs_hold_no_secrets_and_no_prompts(network: dict[str, Any]) -> None:
         assert BODY["prompt"] not in log
     gateway_log = network["gateway"].log.read_text()
     # One line per request: its id, the model, the node, the attempts, the status, the time, a prompt hash.
-    assert re.search(r"request \w+: model t2i/tiny-sd node http://127\.0\.0\.1:\d+ attempts 1 status 200 in [\d.]+ s prompt sha256:", gateway_log)
+    assert re.search(
+        r"request \w+: model t2i/tiny-sd node http://127\.0\.0\.1:\d+ attempts 1 status 200 in [\d.]+ s prompt sha256:", gateway_log
+    )
 
 
 def test_live_metrics_pass_promtool(network: dict[str, Any]) -> None:

@@ -18,16 +18,30 @@ pytestmark = pytest.mark.slow
 
 def test_local_orchestrator_answers_the_seed_request(tmp_path: Path, model_cache: Path) -> None:
     gateway = start(
-        "t2i_gateway", ["--local-orchestrator"], tmp_path,
+        "t2i_gateway",
+        ["--local-orchestrator"],
+        tmp_path,
         {"T2I_ORCHESTRATOR_CACHE_DIR": str(model_cache), "T2I_ORCHESTRATOR_STORAGE_DIR": str(tmp_path / "images")},
     )
     try:
         wait_healthy(gateway)
         # The seed's request, verbatim but for the address.
         curl = subprocess.run(
-            ["curl", "-sS", "-X", "POST", f"{gateway.url}/text-to-image", "-H", "Content-Type: application/json",
-             "-d", '{\n    "prompt":"A cool cat on the beach",\n    "width": 1024,\n    "height": 1024\n}'],
-            capture_output=True, text=True, timeout=120, check=True,
+            [
+                "curl",
+                "-sS",
+                "-X",
+                "POST",
+                f"{gateway.url}/text-to-image",
+                "-H",
+                "Content-Type: application/json",
+                "-d",
+                '{\n    "prompt":"A cool cat on the beach",\n    "width": 1024,\n    "height": 1024\n}',
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
         )
         [image] = json.loads(curl.stdout)["images"]
         assert image["url"].startswith(f"{gateway.url}/stream/") and image["nsfw"] is False
@@ -42,9 +56,25 @@ def test_local_orchestrator_answers_the_seed_request(tmp_path: Path, model_cache
 def test_tls_serves_https(tmp_path: Path) -> None:
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-         "-days", "1", "-subj", "/CN=127.0.0.1"],
-        check=True, capture_output=True, timeout=60,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
     )
     gateway = start("t2i_gateway", ["--orchestrator", "http://127.0.0.1:9", "--tls-cert", str(cert), "--tls-key", str(key)], tmp_path)
     url = gateway.url.replace("http://", "https://")

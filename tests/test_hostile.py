@@ -49,10 +49,27 @@ def test_fuzzing_the_public_api_finds_nothing(tmp_path: Path) -> None:
         # Every check but one: a schema-valid request may still be refused for rules that JSON Schema
         # cannot say (a model no node offers, the width x height x images budget, the loras string's JSON).
         done = subprocess.run(
-            [str(Path(sys.executable).with_name("schemathesis")), "run", f"{gateway.url}/openapi.json", "--checks", "all",
-             "--exclude-checks", "positive_data_acceptance", "--max-examples", "60", "--seed", "1", "--no-color",
-             "--continue-on-failure", "--request-timeout", "10"],
-            capture_output=True, text=True, timeout=300, cwd=tmp_path,
+            [
+                str(Path(sys.executable).with_name("schemathesis")),
+                "run",
+                f"{gateway.url}/openapi.json",
+                "--checks",
+                "all",
+                "--exclude-checks",
+                "positive_data_acceptance",
+                "--max-examples",
+                "60",
+                "--seed",
+                "1",
+                "--no-color",
+                "--continue-on-failure",
+                "--request-timeout",
+                "10",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=tmp_path,
         )
         assert done.returncode == 0, done.stdout[-5000:]
         assert "No issues found" in done.stdout

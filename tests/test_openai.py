@@ -54,7 +54,9 @@ def test_generate_with_urls(client: openai.OpenAI) -> None:
 
 
 def test_generate_with_base64(client: openai.OpenAI) -> None:
-    result = client.images.generate(prompt="a lighthouse", model="t2i/tiny-sd", size="64x64", response_format="b64_json", quality="standard")
+    result = client.images.generate(
+        prompt="a lighthouse", model="t2i/tiny-sd", size="64x64", response_format="b64_json", quality="standard"
+    )
     [image] = result.data
     assert image.url is None and png_size(base64.b64decode(image.b64_json or "")) == (64, 64)
 
@@ -83,6 +85,10 @@ def test_a_wrong_key_is_an_authentication_error(gateway: str) -> None:
 
 
 def test_livepeer_fields_ride_along_as_extras(client: openai.OpenAI) -> None:
-    first = client.images.generate(prompt="a cat", size="64x64", response_format="b64_json", extra_body={"seed": 42, "num_inference_steps": 3})
-    again = client.images.generate(prompt="a cat", size="64x64", response_format="b64_json", extra_body={"seed": 42, "num_inference_steps": 3})
+    first = client.images.generate(
+        prompt="a cat", size="64x64", response_format="b64_json", extra_body={"seed": 42, "num_inference_steps": 3}
+    )
+    again = client.images.generate(
+        prompt="a cat", size="64x64", response_format="b64_json", extra_body={"seed": 42, "num_inference_steps": 3}
+    )
     assert first.data[0].b64_json == again.data[0].b64_json  # the same seed: the same image

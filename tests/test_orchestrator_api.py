@@ -20,9 +20,12 @@ from t2i_orchestrator.models import ModelSpec
 from .fakes import FakeEngine
 from .helpers import MakeClient, wait_ready
 
+
 async def test_generates_images_with_consecutive_seeds_and_serves_them(make_client: MakeClient) -> None:
     client = await make_client()
-    response = await client.post("/text-to-image", json={"prompt": "a cat", "width": 64, "height": 128, "seed": 7, "num_images_per_prompt": 2})
+    response = await client.post(
+        "/text-to-image", json={"prompt": "a cat", "width": 64, "height": 128, "seed": 7, "num_images_per_prompt": 2}
+    )
     assert response.status == 200, await response.text()
     images = (await response.json())["images"]
     assert [image["seed"] for image in images] == [7, 8]
@@ -319,11 +322,9 @@ async def test_metrics_count_requests_and_images(make_client: MakeClient) -> Non
     assert "t2i_orchestrator_queue_depth 0.0" in text and "t2i_orchestrator_loaded_models 1.0" in text
 
 
-
 async def test_node_registers_heartbeats_and_deregisters(aiohttp_client: Any, tmp_path: Path) -> None:
-    from discovery.registry import read_registry
-
     from discovery import RegistrySettings
+    from discovery.registry import read_registry
 
     registry = tmp_path / "registry.json"
     config = OrchestratorConfig(
@@ -363,9 +364,7 @@ async def test_non_finite_and_float_numbers_are_422(make_client: MakeClient, raw
 
 
 @pytest.mark.parametrize("log_prompts", [False, True])
-async def test_prompts_are_logged_only_when_asked(
-    make_client: MakeClient, caplog: pytest.LogCaptureFixture, log_prompts: bool
-) -> None:
+async def test_prompts_are_logged_only_when_asked(make_client: MakeClient, caplog: pytest.LogCaptureFixture, log_prompts: bool) -> None:
     client = await make_client(log_prompts=log_prompts)
     with caplog.at_level("INFO", logger="t2i_orchestrator.app"):
         await client.post("/text-to-image", json={"prompt": "my secret idea", "width": 64, "height": 64}, headers={"X-Request-ID": "r-1"})

@@ -62,11 +62,19 @@ def test_unknown_config_file_key_is_an_error(tmp_path: Path) -> None:
 
 def test_models_file_in_livepeer_shape(tmp_path: Path) -> None:
     models = tmp_path / "aiModels.json"
-    models.write_text(json.dumps([
-        {"pipeline": "text-to-image", "model_id": "stabilityai/sd-turbo", "warm": True, "price_per_unit": 4768371},
-        {"pipeline": "text-to-image", "model_id": "ByteDance/SDXL-Lightning", "capacity": 2,
-         "optimization_flags": {"TORCH_COMPILE": True, "BFLOAT16": False}},
-    ]))
+    models.write_text(
+        json.dumps(
+            [
+                {"pipeline": "text-to-image", "model_id": "stabilityai/sd-turbo", "warm": True, "price_per_unit": 4768371},
+                {
+                    "pipeline": "text-to-image",
+                    "model_id": "ByteDance/SDXL-Lightning",
+                    "capacity": 2,
+                    "optimization_flags": {"TORCH_COMPILE": True, "BFLOAT16": False},
+                },
+            ]
+        )
+    )
     turbo, lightning = load_models_file(models)
     assert turbo == ModelSpec("stabilityai/sd-turbo", warm=True)
     assert lightning.capacity == 2 and lightning.optimization_flags == frozenset({"TORCH_COMPILE"})
@@ -149,11 +157,15 @@ def test_models_file_keys_for_operators_own_files(tmp_path: Path) -> None:
     base.mkdir()
     unet.write_bytes(b"")
     models = tmp_path / "models.json"
-    models.write_text(json.dumps([
-        {"pipeline": "text-to-image", "model_id": "ByteDance/SDXL-Lightning-4step", "path": str(base), "unet_path": str(unet)},
-        {"pipeline": "text-to-image", "model_id": "me/turbo-tune", "family": "turbo", "variant": "fp16"},
-        {"pipeline": "text-to-image", "model_id": "me/slow", "default_steps": 40, "default_guidance": 6},
-    ]))
+    models.write_text(
+        json.dumps(
+            [
+                {"pipeline": "text-to-image", "model_id": "ByteDance/SDXL-Lightning-4step", "path": str(base), "unet_path": str(unet)},
+                {"pipeline": "text-to-image", "model_id": "me/turbo-tune", "family": "turbo", "variant": "fp16"},
+                {"pipeline": "text-to-image", "model_id": "me/slow", "default_steps": 40, "default_guidance": 6},
+            ]
+        )
+    )
     lightning, turbo, slow = load_config(["--models", str(models)]).models
     assert (lightning.path, lightning.unet_path) == (str(base), str(unet))
     assert (turbo.family, turbo.variant) == ("turbo", "fp16")
@@ -213,7 +225,9 @@ def test_secrets_come_from_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert load_config(["--secret-file", str(secret)]).secret == "from-a-file"
     monkeypatch.setenv("T2I_ORCHESTRATOR_SECRET", "from-the-environment")
     assert load_config([]).secret == "from-the-environment"
-    gateway = load_gateway_config(["--orchestrator", "http://n:1", "--orchestrator-secret-file", str(secret), "--stream-secret-file", str(secret)])
+    gateway = load_gateway_config(
+        ["--orchestrator", "http://n:1", "--orchestrator-secret-file", str(secret), "--stream-secret-file", str(secret)]
+    )
     assert gateway.orchestrator_secret == gateway.stream_secret == "from-a-file"
     (tmp_path / "empty").write_text("")
     with pytest.raises(ConfigError, match="empty"):

@@ -8,13 +8,20 @@ from pathlib import Path
 
 import pytest
 
-from .processes import Daemon, start, wait_healthy
 from .helpers import tool
+from .processes import Daemon, start, wait_healthy
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 WATCH_STATUS = """() => {
   window.statuses = [];
   new MutationObserver(() => window.statuses.push(document.getElementById("status").textContent))
@@ -26,7 +33,9 @@ WATCH_STATUS = """() => {
 def gateway(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Iterator[Daemon]:
     logs = tmp_path_factory.mktemp("playground")
     daemon = start(
-        "t2i_gateway", ["--local-orchestrator"], logs,
+        "t2i_gateway",
+        ["--local-orchestrator"],
+        logs,
         {"T2I_ORCHESTRATOR_CACHE_DIR": str(model_cache), "T2I_ORCHESTRATOR_STORAGE_DIR": str(logs / "images")},
     )
     try:

@@ -155,7 +155,10 @@ def t2i_register(*args: str, env: dict[str, str] | None = None) -> subprocess.Co
 
     return subprocess.run(
         [sys.executable, "-c", "from discovery.cli import main; main()", *args],
-        capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
     )
 
 

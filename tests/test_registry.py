@@ -26,7 +26,9 @@ from .helpers import BODY, wait_until
 
 
 def t2i_register(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", "from discovery.cli import main; main()", *args], capture_output=True, text=True, timeout=30)
+    return subprocess.run(
+        [sys.executable, "-c", "from discovery.cli import main; main()", *args], capture_output=True, text=True, timeout=30
+    )
 
 
 def test_register_list_and_remove_from_the_command_line(tmp_path: Path) -> None:
@@ -94,11 +96,17 @@ async def test_corrupt_file_keeps_the_last_good_set_and_counts_it(tmp_path: Path
 
 async def test_stale_heartbeats_are_ignored(tmp_path: Path) -> None:
     registry = tmp_path / "registry.json"
-    registry.write_text(json.dumps({"orchestrators": [
-        {"url": "http://fresh:1", "heartbeat": time.time()},
-        {"url": "http://stale:1", "heartbeat": time.time() - 120},
-        {"url": "http://static:1"},
-    ]}))
+    registry.write_text(
+        json.dumps(
+            {
+                "orchestrators": [
+                    {"url": "http://fresh:1", "heartbeat": time.time()},
+                    {"url": "http://stale:1", "heartbeat": time.time() - 120},
+                    {"url": "http://static:1"},
+                ]
+            }
+        )
+    )
     discovery = RegistryFileDiscovery(registry, heartbeat_ttl_s=30)
     await discovery.refresh()
     assert [e.url for e in discovery.snapshot()] == ["http://fresh:1", "http://static:1"]

@@ -85,9 +85,7 @@ async def test_gateway_drains_on_sigterm(tmp_path: Path, model_cache: Path) -> N
     gateway = start("t2i_gateway", ["--orchestrator", node.url, "--probe-interval", "0.5"], tmp_path)
     try:
         wait_healthy(gateway)
-        finished, refused, message = await sigterm_during_a_request(
-            gateway, f"{node.url}/capabilities", f"{gateway.url}/text-to-image"
-        )
+        finished, refused, message = await sigterm_during_a_request(gateway, f"{node.url}/capabilities", f"{gateway.url}/text-to-image")
         assert finished == 200
         assert refused == 503 and "shutting down" in message
         assert gateway.process.wait(timeout=30) == 0
