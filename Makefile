@@ -4,13 +4,19 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 READY := $(VENV)/.installed
 
-.PHONY: run test clean
+.PHONY: run test lint clean
 
 run: $(READY)
 	$(BIN)/t2i-gateway --local-orchestrator
 
 test: $(READY)
 	$(BIN)/pytest
+
+# ruff (ruff.toml) and mypy ([mypy] in setup.cfg) over the packages and bench/.
+lint: $(READY)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy t2i_common t2i_gateway t2i_orchestrator t2i_cli discovery metrics bench
 
 $(READY): setup.cfg setup.py constraints.txt
 	python3 -m venv $(VENV)

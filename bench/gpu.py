@@ -304,7 +304,7 @@ def run_case(case: Case, report: Report, args: argparse.Namespace, cache: Path, 
     from t2i_orchestrator.diffusers_engine import DiffusersEngine, _encode_png
 
     name, spec, request, device = case.name, case.spec, case.request, args.device
-    steps = request.num_inference_steps
+    steps = request.num_inference_steps or profile_for(spec).default_steps
     size = f"{request.width}x{request.height}, {steps} step{'s' if steps > 1 else ''}"
     timed = f"median of {args.repeats}; {size}"
 

@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Render = Callable[[APIError], web.Response]
 
 
-def error_middleware_for(render_for: Callable[[web.Request], Render]) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def error_middleware_for(render_for: Callable[[web.Request], Render]) -> Middleware:
     """An error middleware that renders each failure in the wire shape of the API the request used."""
 
     @web.middleware
@@ -116,9 +117,9 @@ def error_middleware_for(render_for: Callable[[web.Request], Render]) -> Callabl
                 raise
             # aiohttp's own errors (unknown route, wrong method, body too large) in our shape.
             message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
-            error = APIError(message, headers={k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")})
-            error.status = exc.status
-            return render(error)
+            shaped = APIError(message, headers={k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")})
+            shaped.status = exc.status
+            return render(shaped)
         except Exception:
             logger.exception("unhandled error in %s %s", request.method, request.path)
             return render(InternalError("Internal server error; the log has the details."))

@@ -78,7 +78,7 @@ class _Loras(fields.String):
         super().__init__(**kwargs)
         self.limits = limits
 
-    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> tuple[tuple[str, float], ...]:
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> tuple[tuple[str, float], ...]:  # type: ignore[override]
         try:
             return _parse_loras(super()._deserialize(value, attr, data, **kwargs), self.limits)
         except ValueError as exc:

@@ -66,8 +66,8 @@ async def respond_with_events(
             await response.write(encode("error", {"status": error.status, "body": error.body()}))
         except Exception:
             logger.exception("unhandled error in %s %s (event stream)", request.method, request.path)
-            error = InternalError("Internal server error; the server's log has the details.")
-            await response.write(encode("error", {"status": error.status, "body": error.body()}))
+            internal = InternalError("Internal server error; the server's log has the details.")
+            await response.write(encode("error", {"status": internal.status, "body": internal.body()}))
         await response.write_eof()
     finally:
         if not task.done():
@@ -79,7 +79,7 @@ async def respond_with_events(
 
 async def read_events(content: aiohttp.StreamReader) -> AsyncIterator[tuple[str, Any]]:
     """Parse an event stream into ``(event, data)`` pairs (data decoded from JSON)."""
-    event, data = "message", []
+    event, data = "message", list[str]()
     async for raw in content:
         line = raw.decode().rstrip("\r\n")
         if not line:

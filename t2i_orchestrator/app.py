@@ -19,7 +19,7 @@ import metrics
 from discovery import open_registrar
 from metrics import OrchestratorMetrics
 from t2i_common import __version__
-from t2i_common.errors import APIError, BadRequest, NotFound, Unauthorized, error_middleware
+from t2i_common.errors import APIError, BadRequest, Middleware, NotFound, Unauthorized, error_middleware
 from t2i_common.logs import prompt_for_log
 from t2i_common.schemas import MAX_SEED, TextToImageRequest, build_request_schema, parse_request
 from t2i_common.server import DRAIN, STOP, Drain, Stop
@@ -335,7 +335,7 @@ async def _count_requests(request: web.Request, handler: Handler) -> web.StreamR
     return response
 
 
-def _require_secret(secret: str | None) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def _require_secret(secret: str | None) -> Middleware:
     expected = f"Bearer {secret}".encode()
 
     @web.middleware

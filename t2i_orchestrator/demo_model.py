@@ -190,7 +190,7 @@ def _train_tokenizer(corpus: str, num_merges: int = 200) -> tuple[dict[str, int]
         # Highest count first, then the smallest pair: a deterministic tie-break.
         best = min(pairs, key=lambda pair: (-pairs[pair], pair))
         merges.append(best)
-        merged = collections.Counter()
+        merged: collections.Counter[tuple[str, ...]] = collections.Counter()
         for word, count in words.items():
             out: list[str] = []
             i = 0

@@ -320,9 +320,10 @@ class DiffusersEngine:
         return model_id in self._own_checker or self._shared_safety_source is not None
 
     def _safety_flags(self, model: _LoadedModel, images: list[Any]) -> list[bool]:
-        checker, extractor = model.safety or self._shared_safety or (None, None)
-        if checker is None:  # start() loads the shared one before the node is ready; check() refuses without one
+        safety = model.safety or self._shared_safety
+        if safety is None:  # start() loads the shared one before the node is ready; check() refuses without one
             raise InternalError("The safety checker is not loaded on this node.")
+        checker, extractor = safety
         clip_input = extractor(images, return_tensors="pt").pixel_values.to(self.device, checker.dtype)
         # The checker blacks out flagged arrays in place; it gets copies, we only keep the flags.
         _, flags = checker(clip_input=clip_input, images=[np.array(image) for image in images])

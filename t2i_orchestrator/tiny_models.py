@@ -64,14 +64,14 @@ def lightning_unet_filename(steps: int) -> str:
 # --------------------------------------------------------------------------------------------- shared parts
 
 
-def _clip_tokenizer():
+def _clip_tokenizer() -> tuple[Any, dict[str, int]]:
     from transformers import CLIPTokenizer
 
     vocab, merges = _train_tokenizer(_CORPUS)
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77), vocab
 
 
-def _clip_text_config(vocab: dict[str, int], *, hidden_size: int, hidden_act: str = "quick_gelu", **extra: Any):
+def _clip_text_config(vocab: dict[str, int], *, hidden_size: int, hidden_act: str = "quick_gelu", **extra: Any) -> Any:
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
@@ -91,7 +91,7 @@ def _clip_text_config(vocab: dict[str, int], *, hidden_size: int, hidden_act: st
     )
 
 
-def _vae(*, latent_channels: int = 4, **extra: Any):
+def _vae(*, latent_channels: int = 4, **extra: Any) -> Any:
     """Four blocks: a scale factor of 8 as in the real models (two blocks make 256 px ~30x slower)."""
     from diffusers import AutoencoderKL
 
@@ -265,7 +265,7 @@ def build_sdxl_lightning_unets(out_dir: Path, sdxl_dir: Path) -> None:
         save_file(state, str(out_dir / lightning_unet_filename(steps)))
 
 
-def _t5_tokenizer():
+def _t5_tokenizer() -> Any:
     """A tiny T5 tokenizer built in memory (a Unigram model; no sentencepiece file needed).
 
     T5's layout: ``<pad>``=0, ``</s>``=1, ``<unk>``=2, then pieces with log-probability scores.
@@ -282,8 +282,10 @@ def _t5_tokenizer():
     chars = sorted(set(string.ascii_letters + string.digits + string.punctuation) | {w for w in words if len(w) == 1})
     for char in chars:
         pieces.append((char, -12.0))
-    seen: set[str] = set()
-    vocab = [p for p in pieces if not (p[0] in seen or seen.add(p[0]))]
+    first: dict[str, float] = {}
+    for piece, score in pieces:
+        first.setdefault(piece, score)  # a piece listed twice keeps its first score
+    vocab = list(first.items())
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512), len(vocab)
 
 
