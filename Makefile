@@ -12,11 +12,11 @@ run: $(READY)
 test: $(READY)
 	$(BIN)/pytest
 
-# ruff (ruff.toml) and mypy ([mypy] in setup.cfg) over the packages and bench/.
+# ruff (ruff.toml) and mypy ([mypy] in setup.cfg) over the packages, bench/ and tests/.
 lint: $(READY)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy t2i_common t2i_gateway t2i_orchestrator t2i_cli discovery metrics bench
+	$(BIN)/mypy t2i_common t2i_gateway t2i_orchestrator t2i_cli discovery metrics bench tests
 
 $(READY): setup.cfg setup.py constraints.txt
 	python3 -m venv $(VENV)

@@ -6,6 +6,7 @@ import asyncio
 import io
 import threading
 from collections.abc import Callable, Hashable, Sequence
+from typing import Any
 
 from aiohttp import web
 from PIL import Image
@@ -146,7 +147,7 @@ class FakeOrchestrator:
             }
         )
 
-    async def _text_to_image(self, request: web.Request) -> web.Response:
+    async def _text_to_image(self, request: web.Request) -> web.StreamResponse:
         if not self._authorized(request):
             return web.json_response({"detail": {"msg": "no"}}, status=401)
         body = await request.json()
@@ -173,7 +174,7 @@ class FakeOrchestrator:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         steps = int(body.get("num_inference_steps") or 1)
-        events = [("queued", {"position": 0}), ("started", {"node": "fake"})]
+        events: list[tuple[str, dict[str, Any]]] = [("queued", {"position": 0}), ("started", {"node": "fake"})]
         events += [("progress", {"step": i, "steps": steps}) for i in range(1, steps + 1)] + [("result", result)]
         for name, data in events:
             await response.write(encode(name, data))

@@ -42,7 +42,9 @@ def _rows(report: str) -> dict[tuple[str, str], tuple[str, str]]:
 
 def _number(value: str) -> float:
     """``"0.08 s"``, ``"46.0 ms"``, ``"21.42"``, ``"1.015x"`` -> the number."""
-    return float(re.fullmatch(r"([0-9.]+)(?: s| ms|x)?", value).group(1))
+    match = re.fullmatch(r"([0-9.]+)(?: s| ms|x)?", value)
+    assert match, value
+    return float(match.group(1))
 
 
 def test_tiny_cpu_run_prints_every_row(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 from typing import Any
 
 import pytest
@@ -361,7 +362,7 @@ async def test_a_burst_on_a_full_fleet_waits_for_free_slots_in_arrival_order(mak
     waiting = []
     for seed in (1, 2, 3):  # one after the other, so that their arrival order is known
         waiting.append(asyncio.create_task(gateway.post({**BODY, "seed": seed})))
-        await wait_until(lambda waiting=seed: gateway.metrics.registry.get_sample_value("t2i_gateway_queued") == waiting)
+        await wait_until(partial(lambda n: gateway.metrics.registry.get_sample_value("t2i_gateway_queued") == n, seed))
     node.release.set()
     assert [r.status for r in await asyncio.gather(first, *waiting)] == [200] * 4
     assert [request["seed"] for request in node.requests] == [0, 1, 2, 3]

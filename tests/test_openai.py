@@ -46,7 +46,7 @@ def png_size(data: bytes) -> tuple[int, int]:
 
 def test_generate_with_urls(client: openai.OpenAI) -> None:
     result = client.images.generate(prompt="a cool cat on the beach", size="128x64", n=2)
-    assert result.created > 0 and len(result.data) == 2
+    assert result.created > 0 and result.data and len(result.data) == 2
     for image in result.data:
         assert image.url and "/stream/" in image.url and image.b64_json is None
         with urllib.request.urlopen(image.url, timeout=30) as response:
@@ -57,7 +57,7 @@ def test_generate_with_base64(client: openai.OpenAI) -> None:
     result = client.images.generate(
         prompt="a lighthouse", model="t2i/tiny-sd", size="64x64", response_format="b64_json", quality="standard"
     )
-    [image] = result.data
+    [image] = result.data or []
     assert image.url is None and png_size(base64.b64decode(image.b64_json or "")) == (64, 64)
 
 
@@ -91,4 +91,4 @@ def test_livepeer_fields_ride_along_as_extras(client: openai.OpenAI) -> None:
     again = client.images.generate(
         prompt="a cat", size="64x64", response_format="b64_json", extra_body={"seed": 42, "num_inference_steps": 3}
     )
-    assert first.data[0].b64_json == again.data[0].b64_json  # the same seed: the same image
+    assert first.data and again.data and first.data[0].b64_json == again.data[0].b64_json  # the same seed: the same image

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from discovery import RegistrySettings, open_discovery, open_registrar
+from discovery import Discovery, RegistrySettings, open_discovery, open_registrar
 from discovery.redis_registry import RedisDiscovery, RedisRegistry
 from metrics import GatewayMetrics
 
@@ -37,11 +37,11 @@ async def until(condition, timeout: float = 10.0) -> float:  # type: ignore[no-u
     raise AssertionError("condition not met in time")
 
 
-def urls(discovery: RedisDiscovery) -> set[str]:
+def urls(discovery: Discovery) -> set[str]:
     return {endpoint.url for endpoint in discovery.snapshot()}
 
 
-async def sees(discovery: RedisDiscovery, expected: set[str]) -> bool:
+async def sees(discovery: Discovery, expected: set[str]) -> bool:
     await discovery.refresh()
     return urls(discovery) == expected
 

@@ -6,6 +6,7 @@ huggingface_hub reads HF_HUB_CACHE once at import, so every call here passes ``c
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -49,7 +50,7 @@ def hub_fp16(tiny_cache: Path) -> Path:
     return tiny_models.ensure_hub_cache(tiny_cache, fp16_only=True)
 
 
-def _generate(pipe, call: dict):
+def _generate(pipe: Any, call: dict[str, Any]) -> Any:
     import torch
 
     pipe.set_progress_bar_config(disable=True)
