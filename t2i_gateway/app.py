@@ -58,6 +58,8 @@ SESSION = web.AppKey("session", aiohttp.ClientSession)
 OPENAPI = web.AppKey("openapi", dict)
 
 STREAM_CHUNK = 64 * 1024
+# Read once, when the module is imported: never a file read on the event loop.
+PLAYGROUND_HTML = (Path(__file__).parent / "playground.html").read_text()
 PLAYGROUND = web.AppKey("playground", str)
 OPENAI = web.AppKey("openai", openai_api.OpenAIRequests)
 
@@ -85,7 +87,7 @@ def create_app(
     app[SCHEMA] = build_request_schema(config.limits)
     app[OPENAI] = openai_api.OpenAIRequests(config.limits, app[SCHEMA])
     app[OPENAPI] = build_openapi(config.limits, api_keys=bool(config.api_keys))
-    app[PLAYGROUND] = (Path(__file__).parent / "playground.html").read_text()
+    app[PLAYGROUND] = PLAYGROUND_HTML
     app.cleanup_ctx.extend([_client_session, _node_pool])
     app.router.add_get("/", playground)
     app.router.add_post("/text-to-image", text_to_image)

@@ -88,11 +88,20 @@ class LoraFetcher:
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
+    def _local(self, lora_id: str) -> Path | None:
+        """The LoRA's folder in ``--lora-dir`` (never outside it), or None. Looks at the disk: off the loop."""
+        if self._lora_dir is None:
+            return None
+        candidate = (self._lora_dir / lora_id).resolve()
+        if candidate.is_relative_to(self._lora_dir) and candidate != self._lora_dir and candidate.is_dir():
+            return candidate
+        return None
+
     async def _folder(self, lora_id: str) -> Path:
-        if self._lora_dir is not None:
-            candidate = (self._lora_dir / lora_id).resolve()
-            if candidate.is_relative_to(self._lora_dir) and candidate != self._lora_dir and candidate.is_dir():
-                return candidate
+        loop = asyncio.get_running_loop()
+        local = await loop.run_in_executor(self._executor, self._local, lora_id)
+        if local is not None:
+            return local
         if not _REPO_ID.fullmatch(lora_id) or ".." in lora_id:
             raise BadRequest(f"LoRA {lora_id!r} could not be loaded: it is not in this node's LoRA folder nor a Hugging Face repo id.")
         if self._policy == "off":
@@ -101,7 +110,6 @@ class LoraFetcher:
             raise BadRequest(
                 f"LoRA {lora_id!r} could not be loaded: this node allows only Hugging Face LoRAs matching {', '.join(self._patterns)}."
             )
-        loop = asyncio.get_running_loop()
         cached = await loop.run_in_executor(self._executor, self._hub.cached, lora_id)
         if cached:
             return cached
