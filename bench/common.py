@@ -1,9 +1,10 @@
-"""Helpers for the benchmark scripts: processes on loopback, a bounded client load, figures."""
+"""Helpers for the benchmark scripts (and the tests): processes on loopback, a Redis server, a bounded client load, figures."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -12,6 +13,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -126,3 +128,73 @@ async def metric(url: str, name: str) -> float:
             if line.startswith(f"{name} "):
                 return float(line.split()[1])
     return 0.0
+
+
+class RedisServer:
+    """``redis-server`` on a loopback port, without persistence: a restart comes back empty."""
+
+    def __init__(self, folder: Path, *, password: str | None = None, tls: Any = None) -> None:
+        self.folder = folder
+        self.password = password
+        self.tls = tls  # with .ca, .cert and .key (PEM paths): serve TLS only
+        self.port = 0
+        self.starts = 0
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"{'rediss' if self.tls else 'redis'}://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        """Start on the same port as before, or a free one; a port taken meanwhile by another process is
+        seen in the server's log and another is tried (no time-based guess)."""
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is missing: apt-get install redis-server (.ci/run installs it)")
+        for _ in range(5):
+            self.port = self.port or free_port()
+            self.starts += 1
+            log = self.folder / f"redis-{self.port}-{self.starts}.log"  # a fresh log: "Ready" means this start
+            args = [binary, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(self.folder), "--logfile", str(log)]
+            if self.password:
+                args += ["--requirepass", self.password]
+            if self.tls:
+                args += [
+                    "--port",
+                    "0",
+                    "--tls-port",
+                    str(self.port),
+                    "--tls-cert-file",
+                    str(self.tls.cert),
+                    "--tls-key-file",
+                    str(self.tls.key),
+                    "--tls-ca-cert-file",
+                    str(self.tls.ca),
+                    "--tls-auth-clients",
+                    "no",
+                ]
+            else:
+                args += ["--port", str(self.port)]
+            self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+            if self._wait_ready(log):
+                return
+            self.port = 0
+        raise AssertionError(f"redis-server did not start:\n{log.read_text()[-2000:]}")
+
+    def _wait_ready(self, log: Path) -> bool:
+        assert self.process is not None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            text = log.read_text() if log.exists() else ""
+            if "Ready to accept connections" in text:
+                return True
+            if self.process.poll() is not None or "Address already in use" in text:
+                self.process.wait()
+                return False
+            time.sleep(0.05)
+        raise AssertionError(f"redis-server did not start in 30 s:\n{log.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=30)

@@ -31,7 +31,6 @@ import math
 import os
 import random
 import resource
-import shutil
 import signal
 import socket
 import statistics
@@ -46,7 +45,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from .common import Process, free_port, launch
+from .common import Process, RedisServer, launch
 from .fake_node import PNG
 
 MODEL = "t2i/tiny-sd"
@@ -124,48 +123,6 @@ async def serve_fakes(count: int, capacity: int) -> None:
 
 
 # -- services -------------------------------------------------------------------------------------
-
-
-class Redis:
-    """``redis-server`` on a loopback port, without persistence."""
-
-    def __init__(self, folder: Path) -> None:
-        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-        self.port = free_port()
-        self.log = folder / "redis.log"
-        self.process = subprocess.Popen(
-            [
-                binary,
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(folder),
-                "--logfile",
-                str(self.log),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 30
-        while "Ready to accept connections" not in (self.log.read_text() if self.log.exists() else ""):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server did not start: {self.log.read_text()[-2000:] if self.log.exists() else ''}")
-            time.sleep(0.05)
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=30)
 
 
 class Fakes:
@@ -354,7 +311,8 @@ async def run(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     figures: dict[str, Any] = {"nodes": args.nodes}
     for size in SELECTION_SIZES:  # first, while nothing else runs on the machine
         figures[f"select_us_{size}"] = selection_us(size)
-    redis = Redis(folder)
+    redis = RedisServer(folder)
+    redis.start()
     fakes = Fakes(args.nodes, args.fake_capacity, folder)
     gateways: list[Process] = []
     try:
