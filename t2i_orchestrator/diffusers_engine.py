@@ -34,7 +34,16 @@ from t2i_common.schemas import TextToImageRequest
 from . import model_files
 from .demo_model import DEMO_MODEL_ID, ensure_demo_model
 from .engine import GeneratedImage, Generation, GenerationCancelled, ModelUnavailable, OutOfMemory
-from .models import ModelProfile, ModelSpec, dtype_for, profile_for
+from .models import (
+    SAFETY_CHECKER_ID,
+    SDXL_BASE_ID,
+    SDXL_LIGHTNING_REPO,
+    ModelProfile,
+    ModelSpec,
+    dtype_for,
+    lightning_unet_file,
+    profile_for,
+)
 
 logger = logging.getLogger(__name__)
 diffusers.utils.logging.disable_progress_bar()
@@ -73,7 +82,7 @@ class DiffusersEngine:
         *,
         device: str = "auto",
         cache_dir: Path,
-        safety_checker: str | None = model_files.SAFETY_CHECKER_ID,
+        safety_checker: str | None = SAFETY_CHECKER_ID,
         max_loaded_models: int = 2,
         threads: int | None = None,
     ) -> None:
@@ -107,7 +116,7 @@ class DiffusersEngine:
         except (OSError, ValueError) as exc:
             raise ModelUnavailable(
                 f"The safety checker {source} could not be loaded ({_first_line(exc)}). Get it with: hf download "
-                f"{model_files.SAFETY_CHECKER_ID} (into {model_files.hub_cache()}), or give its folder with --safety-checker, "
+                f"{SAFETY_CHECKER_ID} (into {model_files.hub_cache()}), or give its folder with --safety-checker, "
                 "or run without one (--safety-checker none)."
             ) from exc
         self._shared_safety = (checker, extractor)
@@ -262,10 +271,9 @@ class DiffusersEngine:
         from huggingface_hub import hf_hub_download
         from safetensors.torch import load_file
 
-        base = model_files.locate(spec, self.device, source=spec.path or model_files.SDXL_BASE_ID)
-        unet_file = spec.unet_path or hf_hub_download(
-            model_files.SDXL_LIGHTNING_REPO, f"sdxl_lightning_{profile.fixed_steps}step_unet.safetensors"
-        )
+        base = model_files.locate(spec, self.device, source=spec.path or SDXL_BASE_ID)
+        # A Lightning family's default steps are its fixed steps (the models file may not change them).
+        unet_file = spec.unet_path or hf_hub_download(SDXL_LIGHTNING_REPO, lightning_unet_file(profile.default_steps))
         with init_empty_weights():
             unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(base.source, subfolder="unet"))
         unet.load_state_dict(load_file(unet_file), strict=True, assign=True)

@@ -17,9 +17,7 @@ from pathlib import Path
 from huggingface_hub import constants, snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError
 
-from .models import SAFETY_CHECKER_ID, SDXL_BASE_ID, SDXL_LIGHTNING_REPO, ModelSpec
-
-__all__ = ["SAFETY_CHECKER_ID", "SDXL_BASE_ID", "SDXL_LIGHTNING_REPO", "ModelFiles", "locate"]
+from .models import SDXL_BASE_ID, SDXL_LIGHTNING_REPO, ModelSpec, lightning_unet_file
 
 _WEIGHTS = re.compile(r".+\.(safetensors|bin)")
 # "model.fp16.safetensors", "diffusion_pytorch_model.fp16-00001-of-00002.safetensors"
@@ -78,7 +76,7 @@ def how_to_get(spec: ModelSpec, steps: int | None = None) -> str:
     if steps:  # SDXL-Lightning: the SDXL base plus one UNet file
         return (
             f"hf download {SDXL_BASE_ID} {include} && hf download {SDXL_LIGHTNING_REPO} "
-            f"sdxl_lightning_{steps}step_unet.safetensors (into the Hugging Face cache, {hub_cache()}), "
+            f"{lightning_unet_file(steps)} (into the Hugging Face cache, {hub_cache()}), "
             'or give the SDXL base folder as "path" and the UNet file as "unet_path" in the models file'
         )
     return (

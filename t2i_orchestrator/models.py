@@ -25,6 +25,13 @@ PIPELINE = "text-to-image"
 SDXL_BASE_ID = "stabilityai/stable-diffusion-xl-base-1.0"
 SDXL_LIGHTNING_REPO = "ByteDance/SDXL-Lightning"
 SAFETY_CHECKER_ID = "CompVis/stable-diffusion-safety-checker"
+
+
+def lightning_unet_file(steps: int) -> str:
+    """The file in ``SDXL_LIGHTNING_REPO`` holding the ``steps``-step UNet (diffusers format)."""
+    return f"sdxl_lightning_{steps}step_unet.safetensors"
+
+
 DTYPES = ("float16", "bfloat16", "float32")
 # Optimisation switches a models file may set, as in Livepeer's optimization_flags.
 OPTIMIZATION_FLAGS = ("TORCH_COMPILE", "BFLOAT16", "ATTENTION_SLICING", "VAE_TILING")

@@ -29,17 +29,17 @@ from pathlib import Path
 from typing import Any
 
 from .demo_model import _CORPUS, _train_tokenizer, tiny_safety_checker
+from .models import SAFETY_CHECKER_ID, SDXL_BASE_ID, SDXL_LIGHTNING_REPO, lightning_unet_file
 
 # Bump when any recipe below changes, so that stale cached builds are not reused.
 _RECIPE_VERSION = "1"
 
 SD2_REPO = "stabilityai/sd-turbo"
 SDXL_TURBO_REPO = "stabilityai/sdxl-turbo"
-SDXL_BASE_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
-SDXL_LIGHTNING_REPO = "ByteDance/SDXL-Lightning"
+SDXL_BASE_REPO = SDXL_BASE_ID
 FLUX_SCHNELL_REPO = "black-forest-labs/FLUX.1-schnell"
 FLUX_DEV_REPO = "black-forest-labs/FLUX.1-dev"
-SAFETY_CHECKER_REPO = "CompVis/stable-diffusion-safety-checker"
+SAFETY_CHECKER_REPO = SAFETY_CHECKER_ID
 
 # repo id -> what is built for it. "fp16" marks the repos that a Livepeer-style cache holds only as the
 # fp16 variant (its download script fetches ``*.fp16.safetensors`` for them); the others are always full.
@@ -54,11 +54,6 @@ REPOS: dict[str, dict[str, Any]] = {
 }
 
 LIGHTNING_STEPS = (2, 4, 8)
-
-
-def lightning_unet_filename(steps: int) -> str:
-    """The file name ByteDance/SDXL-Lightning uses for its ``steps``-step diffusers UNet."""
-    return f"sdxl_lightning_{steps}step_unet.safetensors"
 
 
 # --------------------------------------------------------------------------------------------- shared parts
@@ -262,7 +257,7 @@ def build_sdxl_lightning_unets(out_dir: Path, sdxl_dir: Path) -> None:
         with _quiet():
             unet = UNet2DConditionModel.from_config(config).to(torch.float16)
         state = {name: tensor.contiguous() for name, tensor in unet.state_dict().items()}
-        save_file(state, str(out_dir / lightning_unet_filename(steps)))
+        save_file(state, str(out_dir / lightning_unet_file(steps)))
 
 
 def _t5_tokenizer() -> Any:

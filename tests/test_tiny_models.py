@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from t2i_orchestrator import tiny_models
+from t2i_orchestrator.models import lightning_unet_file
 
 pytestmark = pytest.mark.slow
 
@@ -80,7 +81,7 @@ def test_hub_cache_layout(hub: Path, tiny_cache: Path) -> None:
         for blob in (repo_dir / "blobs").iterdir():
             assert blob.is_file() and not blob.is_symlink()
     lightning = tiny_models.snapshot_dir(hub, tiny_models.SDXL_LIGHTNING_REPO)
-    assert sorted(p.name for p in lightning.iterdir()) == [tiny_models.lightning_unet_filename(n) for n in (2, 4, 8)]
+    assert sorted(p.name for p in lightning.iterdir()) == [lightning_unet_file(n) for n in (2, 4, 8)]
 
 
 @pytest.mark.parametrize("repo_id", list(FAMILIES))
@@ -132,7 +133,7 @@ def test_lightning_unet_fits_sdxl_base(hub: Path) -> None:
     unet = UNet2DConditionModel.from_config(config)
     states = []
     for steps in (2, 4, 8):
-        path = hf_hub_download(tiny_models.SDXL_LIGHTNING_REPO, tiny_models.lightning_unet_filename(steps), cache_dir=hub)
+        path = hf_hub_download(tiny_models.SDXL_LIGHTNING_REPO, lightning_unet_file(steps), cache_dir=hub)
         states.append(load_file(path))
         assert all(t.dtype == torch.float16 for t in states[-1].values())
         unet.load_state_dict(states[-1], strict=True)
