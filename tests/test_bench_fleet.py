@@ -28,6 +28,7 @@ ROWS = (
     "requests/s, 20 nodes",
     "requests/s, 1 node",
     "requests/s ratio 20 : 1",
+    "ratio in each round",
     "gateway CPU/request, 20 nodes",
     "gateway CPU/request, 1 node",
 )

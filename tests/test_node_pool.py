@@ -49,3 +49,25 @@ def test_warm_nodes_come_before_on_demand_ones_whatever_their_load() -> None:
     extra.in_flight = 64
     assert pool.select("m/b", exclude=set()) in pool.nodes.values()  # then on demand
     assert pool.models_on_offer() == ["m/a", "m/b"] and pool.default_model() == "m/a"
+
+
+async def test_a_light_load_keeps_to_the_nodes_that_went_idle_last() -> None:
+    pool = pool_of(1000)
+    used = set()
+    for _ in range(100):  # four requests at a time, a hundred times over
+        nodes = [await pool.acquire("m/warm", set(), timeout_s=0) for _ in range(4)]
+        for node in nodes:
+            assert node is not None
+            used.add(node.url)
+            pool.release(node)
+    assert len(used) <= 8  # not about 330 (four fresh draws from 1,000 each time): connections stay open to few
+
+
+async def test_a_node_that_went_idle_last_still_loses_to_a_freer_one() -> None:
+    pool = pool_of(1000)
+    recent = await pool.acquire("m/warm", set(), timeout_s=0)
+    assert recent is not None
+    pool.release(recent)
+    assert pool.select("m/warm", exclude=set()) is recent
+    recent.reported_busy = 1  # another gateway's request, seen by a probe: 3 free against 4 elsewhere
+    assert all(pool.select("m/warm", exclude=set()) is not recent for _ in range(50))
