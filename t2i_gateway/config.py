@@ -63,7 +63,12 @@ OPTIONS = (
         "request-timeout", "overall deadline of a request, generation and retries included (seconds)", type=positive(float), default=300.0
     ),
     Option("connect-timeout", "seconds to connect to an orchestrator", type=positive(float), default=2.0),
-    Option("probe-interval", "seconds between /capabilities probes of an idle orchestrator (longer in a fleet over 250: at most 50 probes/s)", type=positive(float), default=5.0),
+    Option(
+        "probe-interval",
+        "seconds between /capabilities probes of an idle orchestrator (longer in a fleet over 250: at most 50 probes/s)",
+        type=positive(float),
+        default=5.0,
+    ),
     Option("probe-timeout", "seconds a /capabilities probe may take before the node counts as down", type=positive(float), default=3.0),
     Option("default-model", "model for requests that name none (default: the model warm on most orchestrators)"),
     Option("tls-cert", "certificate file (PEM): serve HTTPS", type=Path),
