@@ -27,8 +27,10 @@ from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as redis
+from redis import __version__ as redis_py_version
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.driver_info import DriverInfo
 from redis.exceptions import ConnectionError, RedisError
 
 from . import Endpoint, RegistrySettings, normalize_url
@@ -103,6 +105,9 @@ def connect(settings: RegistrySettings) -> redis.Redis:
         # fresh one (redis-py's default policy does not, and the heartbeat would be lost).
         "retry": Retry(NoBackoff(), 1),
         "retry_on_error": [ConnectionError],
+        # Named here, or redis-py reads the installed packages' metadata from disk for it on every new
+        # connection, on the event loop.
+        "driver_info": DriverInfo(lib_version=redis_py_version),
     }
     if settings.password:
         options["password"] = settings.password

@@ -72,7 +72,7 @@ class LoraFetcher:
         timeout_s: float = 120.0,
         hub: LoraHub | None = None,
     ) -> None:
-        self._lora_dir = lora_dir.resolve() if lora_dir else None
+        self._lora_dir = lora_dir  # resolved where it is looked at, off the loop
         self._policy = hub_policy
         self._patterns = [] if hub_policy in ("off", "cached", "on") else [p.strip() for p in hub_policy.split(",") if p.strip()]
         self._max_bytes = max_bytes
@@ -92,8 +92,9 @@ class LoraFetcher:
         """The LoRA's folder in ``--lora-dir`` (never outside it), or None. Looks at the disk: off the loop."""
         if self._lora_dir is None:
             return None
-        candidate = (self._lora_dir / lora_id).resolve()
-        if candidate.is_relative_to(self._lora_dir) and candidate != self._lora_dir and candidate.is_dir():
+        root = self._lora_dir.resolve()
+        candidate = (root / lora_id).resolve()
+        if candidate.is_relative_to(root) and candidate != root and candidate.is_dir():
             return candidate
         return None
 

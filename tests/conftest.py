@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from blockbuster import blockbuster_ctx
 from aiohttp.test_utils import TestClient
 from prometheus_client import CollectorRegistry
 
@@ -25,6 +27,18 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+# The project's own code, checked by blockbuster: file I/O, time.sleep or a blocking lock called from
+# it on a running event loop fails the test (as aiohttp's own suite does for aiohttp). Executor threads
+# have no running loop, so the blocking work that belongs there passes.
+PRODUCT = ["t2i_common", "t2i_gateway", "t2i_orchestrator", "t2i_cli", "discovery", "metrics"]
+
+
+@pytest.fixture(autouse=True)
+def blockbuster() -> Iterator[None]:
+    with blockbuster_ctx(PRODUCT):
+        yield
 
 
 @pytest.fixture(scope="session")

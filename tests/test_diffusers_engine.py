@@ -147,7 +147,9 @@ async def test_on_demand_model_loads_once_under_concurrent_requests(
     aiohttp_client: Any, tmp_path: Path, model_cache: Path, demo_model_path: Path
 ) -> None:
     specs = (ModelSpec(DEMO_MODEL_ID, warm=True), ModelSpec("tiny/on-demand", path=str(demo_model_path)))
-    engine = diffusers_engine.DiffusersEngine(specs, device="cpu", cache_dir=model_cache)
+    engine = await asyncio.to_thread(
+        diffusers_engine.DiffusersEngine, specs, device="cpu", cache_dir=model_cache
+    )  # reads files: off the loop
     metrics = OrchestratorMetrics(CollectorRegistry())
     config = OrchestratorConfig(models=specs, storage_dir=tmp_path)
     client = await aiohttp_client(create_app(config, engine=engine, metrics_=metrics))

@@ -80,7 +80,7 @@ def test_bad_registry_files_are_rejected_with_a_reason(text: str, message: str) 
 
 async def test_corrupt_file_keeps_the_last_good_set_and_counts_it(tmp_path: Path) -> None:
     registry = tmp_path / "registry.json"
-    register(registry, "http://127.0.0.1:1", heartbeat=False)
+    await asyncio.to_thread(register, registry, "http://127.0.0.1:1", heartbeat=False)  # off the loop, as nodes do
     errors: list[str] = []
     discovery = RegistryFileDiscovery(registry, on_error=errors.append)
     assert await discovery.refresh() is True
@@ -128,10 +128,10 @@ async def test_gateway_follows_the_registry_without_a_restart(tmp_path: Path, ai
     pool = app[POOL]
     assert (await client.get("/health")).status == 503
 
-    register(registry, urls[0], heartbeat=True)
+    await asyncio.to_thread(register, registry, urls[0], heartbeat=True)
     await wait_until(lambda: len(pool.healthy()) == 1)
     assert (await client.post("/text-to-image", json=BODY)).status == 200
-    register(registry, urls[1], heartbeat=True)
+    await asyncio.to_thread(register, registry, urls[1], heartbeat=True)
     await wait_until(lambda: len(pool.healthy()) == 2)
     registry.write_text("garbage")
     await wait_until(lambda: metrics.registry.get_sample_value("t2i_gateway_registry_errors_total") == 1)

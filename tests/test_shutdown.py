@@ -58,14 +58,14 @@ async def test_orchestrator_drains_deregisters_and_its_images_outlive_a_restart(
     registry = tmp_path / "registry.json"
     advertise = f"http://127.0.0.1:{port}"
     node = start_node(tmp_path, model_cache, port, "--register", str(registry), "--advertise-url", advertise)
-    assert [entry.url for entry in read_registry(registry)] == [advertise]
+    assert [entry.url for entry in (await asyncio.to_thread(read_registry, registry))] == [advertise]
     async with aiohttp.ClientSession() as session:
         async with session.post(f"{node.url}/text-to-image", json={"prompt": "keep me", "width": 64, "height": 64}) as response:
             url = (await response.json())["images"][0]["url"]
         async with session.get(url) as response:
             original = await response.read()
     assert node.stop() == 0
-    assert read_registry(registry) == []
+    assert (await asyncio.to_thread(read_registry, registry)) == []
 
     node = start_node(tmp_path, model_cache, port, "--register", str(registry), "--advertise-url", advertise)
     try:
@@ -75,7 +75,7 @@ async def test_orchestrator_drains_deregisters_and_its_images_outlive_a_restart(
         assert finished == 200
         assert refused == 503 and "shutting down" in message
         assert node.process.wait(timeout=30) == 0
-        assert read_registry(registry) == []
+        assert (await asyncio.to_thread(read_registry, registry)) == []
     finally:
         node.stop()
 
