@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from blockbuster import blockbuster_ctx
 from aiohttp.test_utils import TestClient
+from blockbuster import blockbuster_ctx
 from prometheus_client import CollectorRegistry
 
 from discovery import Endpoint, StaticDiscovery
