@@ -21,6 +21,7 @@ from t2i_orchestrator.models import ModelSpec
 
 from .fakes import FakeEngine, FakeOrchestrator
 from .helpers import Gateway, MakeClient, MakeGateway, wait_ready, wait_until
+from .processes import STARTED
 
 # Tests never reach the Hugging Face Hub, and several torch processes share two cores.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -39,6 +40,11 @@ PRODUCT = ["t2i_common", "t2i_gateway", "t2i_orchestrator", "t2i_cli", "discover
 def blockbuster() -> Iterator[None]:
     with blockbuster_ctx(PRODUCT):
         yield
+    # The daemons that end-to-end tests start run with it too (tests/blockbuster_site): their logs say.
+    for daemon in list(STARTED):
+        if daemon.log.exists() and "BlockingError" in daemon.log.read_text(errors="replace"):
+            STARTED.remove(daemon)  # reported once, by the test during which it happened
+            pytest.fail(f"a blocking call on {daemon.url}'s event loop; see {daemon.log}")
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import urllib.request
 from pathlib import Path
@@ -9,12 +10,19 @@ from pathlib import Path
 from bench.common import Process as Daemon
 from bench.common import free_port, launch
 
-__all__ = ["Daemon", "free_port", "start", "wait_healthy"]
+__all__ = ["STARTED", "Daemon", "free_port", "start", "wait_healthy"]
+
+BLOCKBUSTER_SITE = Path(__file__).parent / "blockbuster_site"
+STARTED: list[Daemon] = []  # every daemon started, whose log the blockbuster fixture reads after each test
 
 
 def start(module: str, args: list[str], log_dir: Path, env: dict[str, str] | None = None, port: int | None = None) -> Daemon:
+    """``python -m module args`` on loopback, with blockbuster on in it (see ``blockbuster_site``)."""
     port = port or free_port()
-    return launch(["-m", module, *args], log_dir, f"{module}-{port}", env, port)
+    path = os.pathsep.join(filter(None, [str(BLOCKBUSTER_SITE), os.environ.get("PYTHONPATH")]))
+    daemon = launch(["-m", module, *args], log_dir, f"{module}-{port}", {"PYTHONPATH": path, **(env or {})}, port)
+    STARTED.append(daemon)
+    return daemon
 
 
 def wait_healthy(daemon: Daemon, timeout: float = 90) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import subprocess
 import sys
@@ -162,3 +163,28 @@ def test_bad_files_and_flags_stop_the_daemons_at_start_with_a_clear_error(tmp_pa
     done = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
     assert message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_the_daemons_that_tests_start_fail_on_a_blocking_call(tmp_path: Path) -> None:
+    """The end-to-end tests' daemons run with blockbuster (tests/processes.py): a file read on the loop raises."""
+    from .processes import BLOCKBUSTER_SITE
+
+    registry = tmp_path / "registry.json"
+    register(registry, "http://127.0.0.1:1", heartbeat=False)
+    code = (
+        "import asyncio, sys\n"
+        "from pathlib import Path\n"
+        "from discovery.registry import read_registry\n"
+        "async def main():\n"
+        "    await asyncio.to_thread(read_registry, Path(sys.argv[1]))  # off the loop: fine\n"
+        "    read_registry(Path(sys.argv[1]))  # on it: raises\n"
+        "asyncio.run(main())\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(registry)],
+        env={**os.environ, "PYTHONPATH": str(BLOCKBUSTER_SITE)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1 and "BlockingError: Blocking call to io.TextIOWrapper.read" in result.stderr, result.stderr
