@@ -54,7 +54,8 @@ class Drain:
         if self.in_flight:
             logger.info("draining: waiting up to %.0f s for %d request(s) in flight", grace_s, self.in_flight)
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout=grace_s)
+            async with asyncio.timeout(grace_s):
+                await self._idle.wait()
         except TimeoutError:
             logger.warning("grace period over: %d request(s) still in flight are cut off", self.in_flight)
 

@@ -51,7 +51,8 @@ class LocalOrchestrator:
             return
         process.send_signal(signal.SIGTERM)
         try:
-            await asyncio.wait_for(process.wait(), timeout=15)
+            async with asyncio.timeout(15):
+                await process.wait()
         except TimeoutError:
             process.kill()
             await process.wait()

@@ -293,7 +293,8 @@ class NodePool:
                 now = time.monotonic()
                 if now >= next_discovery:
                     try:  # bounded: a stuck backend must not stop the probing
-                        await asyncio.wait_for(self.discovery.refresh(), DISCOVERY_TIMEOUT_S)
+                        async with asyncio.timeout(DISCOVERY_TIMEOUT_S):
+                            await self.discovery.refresh()
                     except Exception:
                         logger.exception("discovery refresh failed; keeping the current set")
                     self._sync()

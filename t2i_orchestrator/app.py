@@ -174,7 +174,8 @@ async def _registration(app: web.Application) -> AsyncIterator[None]:
     async def heartbeat() -> None:
         nonlocal failing
         try:
-            await asyncio.wait_for(registrar.heartbeat(), config.heartbeat_interval_s)
+            async with asyncio.timeout(config.heartbeat_interval_s):
+                await registrar.heartbeat()
         except Exception as exc:  # whatever the backend raises, the node serves on
             if not failing:
                 logger.error(
@@ -203,7 +204,8 @@ async def _registration(app: web.Application) -> AsyncIterator[None]:
     with contextlib.suppress(asyncio.CancelledError):
         await task
     try:
-        await asyncio.wait_for(registrar.deregister(), 5.0)
+        async with asyncio.timeout(5.0):
+            await registrar.deregister()
         logger.info("removed %s from %s", config.advertise_url, registrar.where)
     except Exception as exc:
         logger.error("could not remove this node from %s: %s", registrar.where, exc or type(exc).__name__)

@@ -124,7 +124,8 @@ class LoraFetcher:
             fetch = self._fetching[lora_id] = asyncio.ensure_future(self._download(lora_id))
             fetch.add_done_callback(lambda _: self._fetching.pop(lora_id, None))
         try:
-            return await asyncio.wait_for(asyncio.shield(fetch), self._timeout_s)
+            async with asyncio.timeout(self._timeout_s):
+                return await asyncio.shield(fetch)
         except TimeoutError:
             raise BadRequest(
                 f"LoRA {lora_id!r} could not be loaded: downloading it took longer than {self._timeout_s:g} s "

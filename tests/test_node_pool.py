@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 
+import aiohttp
 from prometheus_client import CollectorRegistry
 
 from discovery import Endpoint, StaticDiscovery
@@ -71,3 +73,35 @@ async def test_a_node_that_went_idle_last_still_loses_to_a_freer_one() -> None:
     assert pool.select("m/warm", exclude=set()) is recent
     recent.reported_busy = 1  # another gateway's request, seen by a probe: 3 free against 4 elsewhere
     assert all(pool.select("m/warm", exclude=set()) is not recent for _ in range(50))
+
+
+class GatedDiscovery:
+    """A fake discovery whose refresh waits until the test opens its gate."""
+
+    def __init__(self) -> None:
+        self.gate: asyncio.Future[bool] | None = None
+
+    def snapshot(self) -> tuple[Endpoint, ...]:
+        return ()
+
+    async def refresh(self) -> bool:
+        self.gate = asyncio.get_running_loop().create_future()
+        return await self.gate
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_stopping_the_pool_as_a_refresh_ends_stops_it() -> None:
+    """Python 3.11's wait_for swallows a cancellation that arrives as the awaited call ends (the task
+    then ran on, and a daemon's shutdown hung); the pool's bounded waits must not."""
+    discovery = GatedDiscovery()
+    pool = NodePool(discovery, GatewayMetrics(CollectorRegistry()))
+    async with aiohttp.ClientSession() as session:
+        task = asyncio.create_task(pool.run(session))
+        while discovery.gate is None:
+            await asyncio.sleep(0.001)
+        discovery.gate.set_result(False)  # the refresh ends...
+        task.cancel()  # ...in the same turn of the loop as the shutdown
+        done, _ = await asyncio.wait([task], timeout=2)
+        assert task in done and task.cancelled()
