@@ -18,10 +18,32 @@ from typing import Any
 import aiohttp
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+# Ports for child processes come from below the kernel's ephemeral range: a port taken from that range
+# (bind to port 0) can be handed by the kernel to any outgoing connection or other bind(0) between this
+# check and the child's own bind, which comes only after its imports and model loading (seconds).
+_EPHEMERAL_LOW = _ephemeral_low()
+_next_port = 10000 + (os.getpid() * 7) % max(1, _EPHEMERAL_LOW - 12000)  # apart from another run's
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback port free now, below the ephemeral range, not handed out before by this process."""
+    global _next_port
+    for _ in range(_EPHEMERAL_LOW - 10000):
+        port, _next_port = _next_port, _next_port + 1 if _next_port + 1 < _EPHEMERAL_LOW else 10000
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free loopback port below the ephemeral range")
 
 
 @dataclass

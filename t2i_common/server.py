@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -90,8 +91,30 @@ def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
     return context
 
 
-async def serve(app: web.Application, *, host: str, port: int, grace_s: float, ssl_context: ssl.SSLContext | None = None) -> str | None:
+def inherited_socket(fd: int) -> socket.socket:
+    """The listening socket a parent process passed as file descriptor ``fd`` (``--listen-fd``)."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        raise ConfigError(f"--listen-fd {fd}: not an open socket ({exc.strerror})") from None
+    if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        sock.detach()
+        raise ConfigError(f"--listen-fd {fd}: not a TCP socket")
+    return sock
+
+
+async def serve(
+    app: web.Application,
+    *,
+    host: str,
+    port: int,
+    grace_s: float,
+    ssl_context: ssl.SSLContext | None = None,
+    sock: socket.socket | None = None,
+) -> str | None:
     """Serve until SIGTERM or SIGINT, then drain for up to ``grace_s`` seconds and clean up.
+
+    With ``sock`` (a socket bound by a parent process), serve on it instead of binding ``host:port``.
 
     Returns None after a clean stop, or the failure that stopped the daemon (see ``Stop.fail``).
     """
@@ -104,7 +127,11 @@ async def serve(app: web.Application, *, host: str, port: int, grace_s: float, s
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=0.5)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
+        if sock is not None:
+            await web.SockSite(runner, sock, ssl_context=ssl_context).start()
+            host, port = sock.getsockname()[:2]
+        else:
+            await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
         logger.info("listening on %s://%s:%d", "https" if ssl_context else "http", host, port)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -1,8 +1,10 @@
 """``--local-orchestrator``: an orchestrator run as a managed child process of the gateway.
 
-A child rather than in-process, so that the gateway itself never imports torch. The child listens on
-127.0.0.1 at a free port with a random secret (passed in its environment, never on a command line)
-and takes the rest of its settings from the usual ``T2I_ORCHESTRATOR_*`` variables.
+A child rather than in-process, so that the gateway itself never imports torch. The child serves on
+a socket the gateway binds on 127.0.0.1 (a free port) and hands over (``--listen-fd``): handing over
+only the port number would leave it free for any other process to take during the seconds the child
+spends loading. It gets a random secret (in its environment, never on a command line) and takes the
+rest of its settings from the usual ``T2I_ORCHESTRATOR_*`` variables.
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ logger = logging.getLogger(__name__)
 
 class LocalOrchestrator:
     def __init__(self) -> None:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = int(sock.getsockname()[1])
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self.port = int(self._sock.getsockname()[1])
         self.endpoint = Endpoint(f"http://127.0.0.1:{self.port}", secret=secrets.token_urlsafe(32))
         self._process: asyncio.subprocess.Process | None = None
 
@@ -36,9 +38,12 @@ class LocalOrchestrator:
 
         async def run(app: web.Application) -> AsyncIterator[None]:
             env = {**os.environ, "T2I_ORCHESTRATOR_SECRET": self.endpoint.secret or ""}
+            fd = self._sock.fileno()
+            # --port too, though not bound: the node's default image folder is named by it.
             self._process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "t2i_orchestrator", "--host", "127.0.0.1", "--port", str(self.port), env=env
+                sys.executable, "-m", "t2i_orchestrator", "--port", str(self.port), "--listen-fd", str(fd), pass_fds=(fd,), env=env
             )
+            self._sock.close()  # the child holds its own copy
             logger.info("started the local orchestrator (pid %d) on %s", self._process.pid, self.endpoint.url)
             yield
             await self.stop()

@@ -34,6 +34,12 @@ def default_cache_dir() -> Path:
 OPTIONS = (
     Option("host", "address to listen on", default="127.0.0.1"),
     Option("port", "port to listen on", type=int, default=8936),
+    Option(
+        "listen-fd",
+        "serve on this inherited listening socket instead of binding --host/--port (how the gateway's --local-orchestrator "
+        "starts a node: no other process can take its port meanwhile)",
+        type=int,
+    ),
     Option("models", "models file (JSON list in the shape of Livepeer's aiModels.json)", type=Path),
     Option("model", f"a warm model id (repeatable); with neither this nor --models: {DEMO_MODEL_ID}", repeat=True),
     Option("device", "auto, cpu, cuda or cuda:N", default="auto"),
@@ -87,6 +93,7 @@ class OrchestratorConfig:
     models: tuple[ModelSpec, ...] = (ModelSpec(DEMO_MODEL_ID, warm=True),)
     host: str = "127.0.0.1"
     port: int = 8936
+    listen_fd: int | None = None
     device: str = "auto"
     storage_dir: Path = field(default_factory=lambda: default_cache_dir() / "images" / "8936")
     image_ttl_s: float = 3600.0
@@ -146,6 +153,7 @@ def load_config(argv: Sequence[str] | None = None) -> OrchestratorConfig:
         models=tuple(specs),
         host=values["host"],
         port=values["port"],
+        listen_fd=values["listen_fd"],
         device=values["device"],
         storage_dir=values["storage_dir"] or cache_dir / "images" / str(values["port"]),
         image_ttl_s=values["image_ttl"],

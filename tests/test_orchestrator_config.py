@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -258,3 +259,18 @@ def test_half_precision_files_are_found_without_configuration(tmp_path: Path, fi
     folder = weights(tmp_path / "model", *files)
     assert locate(ModelSpec("a/b", path=str(folder)), device).variant == variant
     assert locate(ModelSpec("a/b", path=str(folder), variant="bf16"), device).variant == "bf16"  # the models file decides
+
+
+def test_listen_fd_must_be_an_open_tcp_socket(tmp_path: Path) -> None:
+    from t2i_common.server import inherited_socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        inherited = inherited_socket(os.dup(sock.fileno()))
+        assert inherited.getsockname() == sock.getsockname()
+        inherited.close()
+    with (tmp_path / "file").open("w") as file, pytest.raises(ConfigError, match=r"--listen-fd \d+: not an open socket"):
+        inherited_socket(file.fileno())
+    with pytest.raises(ConfigError, match="--listen-fd 12345: not an open socket"):
+        inherited_socket(12345)
+    assert load_config(["--listen-fd", "7", "--port", "9001"]).listen_fd == 7
