@@ -65,7 +65,7 @@ OPTIONS = (
     Option("connect-timeout", "seconds to connect to an orchestrator", type=positive(float), default=2.0),
     Option(
         "probe-interval",
-        "seconds between /capabilities probes of an idle orchestrator (longer in a fleet over 250: at most 50 probes/s)",
+        "seconds between /capabilities probes of an idle orchestrator (longer in a fleet of more than 50x as many nodes: at most 50 probes/s)",
         type=positive(float),
         default=5.0,
     ),

@@ -1,9 +1,10 @@
 """What the gateway knows about each orchestrator, how it keeps that fresh, and how it picks one.
 
 A background task (``NodePool.run``) follows discovery and probes every node's ``/capabilities``:
-every ``probe_interval_s`` when idle (less often in a fleet of more than 250), every second while it has requests from us in flight (a hung
-node is noticed in seconds, not at the end of a generation timeout), several times a second while
-it is loading, and at the end of its suspension after a failure.
+every ``probe_interval_s`` when idle (less often in a large fleet: at most ``MAX_IDLE_PROBES_PER_S``
+in all), every second while it has requests from us in flight (a hung node is noticed in seconds, not
+at the end of a generation timeout), several times a second while it is loading, and at the end of
+its suspension after a failure.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ DISCOVERY_REFRESH_S = 1.0
 DISCOVERY_TIMEOUT_S = 5.0
 MAX_SUSPENSION_S = 60.0
 SAMPLE = 8  # nodes drawn per selection in a large fleet
-MAX_IDLE_PROBES_PER_S = 50.0  # in a fleet over 250 nodes, idle ones are probed less often than --probe-interval
+MAX_IDLE_PROBES_PER_S = 50.0  # beyond 250 nodes (at the default 5 s), idle ones are probed less often than --probe-interval
 
 
 @dataclass(eq=False)
@@ -379,11 +380,14 @@ class NodePool:
             node.next_probe = now + BUSY_PROBE_S
         else:
             # Bounded in a large fleet: 1,000 nodes every 5 s would cost each gateway 200 probes a second
-            # (5-10 % of its throughput); a node in use is still probed every second, and a dead one is
-            # dropped by the registry's TTL or by its first failed request. Spread at random, so that the
-            # nodes that joined together are not all probed in one burst, again and again.
-            spread = len(self.nodes) / MAX_IDLE_PROBES_PER_S * random.uniform(0.5, 1.5)
-            node.next_probe = now + max(self._probe_interval_s, spread)
+            # (bench.fleet: even 50 a second cost it about 4 % of its throughput); a node in use is still
+            # probed every second, and a dead one is dropped by the registry's TTL or its first failed request.
+            interval = len(self.nodes) / MAX_IDLE_PROBES_PER_S
+            if interval > self._probe_interval_s:
+                # At random around it, so that nodes that joined together are not probed in one burst, again and again.
+                node.next_probe = now + interval * random.uniform(0.5, 1.5)
+            else:
+                node.next_probe = now + self._probe_interval_s
 
     def _update_gauges(self) -> None:
         now = time.monotonic()
@@ -437,7 +441,7 @@ def _check_capabilities(body: Any) -> dict[str, Any]:
 
 
 def _most_free(nodes: list[Node], exclude: set[str], now: float) -> Node | None:
-    """The node with the most free capacity that can take a request now (the first of equals: callers shuffle)."""
+    """The node with the most free capacity that can take a request now (the first of equals: callers order them)."""
     best, best_free = None, 0
     for node in nodes:
         if node.ready and now >= node.suspended_until and not (exclude and node.url in exclude):
