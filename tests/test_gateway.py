@@ -101,6 +101,8 @@ async def test_failure_is_retried_elsewhere_and_the_node_suspended(make_gateway:
     registry = gateway.metrics.registry
     assert registry.get_sample_value("t2i_gateway_retries_total") == 1
     assert registry.get_sample_value("t2i_gateway_attempts_total", {"orchestrator": gateway.url_of(0), "outcome": "failed"}) == 1
+    gauge = {state: registry.get_sample_value("t2i_gateway_orchestrators", {"state": state}) for state in ("known", "healthy", "suspended")}
+    assert gauge == {"known": 2, "healthy": 1, "suspended": 1}
 
 
 @pytest.mark.parametrize("mode", ["garbage", "wrong_types", "fail"])
