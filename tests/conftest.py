@@ -42,8 +42,11 @@ def blockbuster() -> Iterator[None]:
         yield
     # The daemons that end-to-end tests start run with it too (tests/blockbuster_site): their logs say.
     for daemon in list(STARTED):
-        if daemon.log.exists() and "BlockingError" in daemon.log.read_text(errors="replace"):
-            STARTED.remove(daemon)  # reported once, by the test during which it happened
+        ended = daemon.process.poll() is not None
+        blocked = daemon.log.exists() and "BlockingError" in daemon.log.read_text(errors="replace")
+        if ended or blocked:
+            STARTED.remove(daemon)  # read for the last time: it has ended, or its error is reported (once)
+        if blocked:
             pytest.fail(f"a blocking call on {daemon.url}'s event loop; see {daemon.log}")
 
 
