@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from .common import Results, launch, post_many, wait_healthy
+from .common import Results, launch, post_many, raise_fd_limit, wait_healthy
 
 SLOW = {"prompt": "a slow one", "width": 256, "height": 256, "num_inference_steps": 20}
 
@@ -95,8 +94,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     args = parser.parse_args()
     # Each client holds a socket: make room for them (the gateway, started afterwards, inherits it).
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4 * args.clients + 1024)), hard))
+    raise_fd_limit(4 * args.clients + 1024)
     with tempfile.TemporaryDirectory(prefix="t2i-backpressure-") as workdir:
         figures = asyncio.run(run(args.clients, args.max_in_flight, args.node_queue, args.cache_dir, Path(workdir)))
     if args.json:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -18,6 +19,16 @@ from typing import Any
 import aiohttp
 
 
+def raise_fd_limit(needed: int) -> None:
+    """Let this process (and the children it starts afterwards, which inherit it) open ``needed`` files."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    if want < needed:
+        print(f"warning: only {want} file descriptors allowed, {needed} wanted", file=sys.stderr)
+
+
 def _ephemeral_low() -> int:
     try:
         return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
@@ -28,15 +39,15 @@ def _ephemeral_low() -> int:
 # Ports for child processes come from below the kernel's ephemeral range: a port taken from that range
 # (bind to port 0) can be handed by the kernel to any outgoing connection or other bind(0) between this
 # check and the child's own bind, which comes only after its imports and model loading (seconds).
-_EPHEMERAL_LOW = _ephemeral_low()
-_next_port = 10000 + (os.getpid() * 7) % max(1, _EPHEMERAL_LOW - 12000)  # apart from another run's
+_PORTS = range(10000, _ephemeral_low())
+_next_port = (os.getpid() * 7) % len(_PORTS)  # index into _PORTS: another run at once starts elsewhere
 
 
 def free_port() -> int:
     """A loopback port free now, below the ephemeral range, not handed out before by this process."""
     global _next_port
-    for _ in range(_EPHEMERAL_LOW - 10000):
-        port, _next_port = _next_port, _next_port + 1 if _next_port + 1 < _EPHEMERAL_LOW else 10000
+    for _ in _PORTS:
+        port, _next_port = _PORTS[_next_port], (_next_port + 1) % len(_PORTS)
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", port))

@@ -31,7 +31,6 @@ import json
 import math
 import os
 import random
-import resource
 import signal
 import socket
 import statistics
@@ -48,7 +47,7 @@ from aiohttp import web
 
 from t2i_gateway.nodes import MAX_IDLE_PROBES_PER_S
 
-from .common import Process, RedisServer, launch
+from .common import Process, RedisServer, launch, raise_fd_limit
 from .fake_node import PNG
 
 MODEL = "t2i/tiny-sd"
@@ -430,15 +429,6 @@ def report(f: dict[str, Any], args: argparse.Namespace) -> str:
         f"goals={','.join(f'{k}:{verdict(v)}' for k, v in met.items())}"
     )
     return "\n".join(lines)
-
-
-def raise_fd_limit(needed: int) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
-    if soft != resource.RLIM_INFINITY and soft < want:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-    if want < needed:
-        print(f"bench.fleet: warning: only {want} file descriptors allowed, {needed} wanted", file=sys.stderr)
 
 
 def main() -> None:
