@@ -102,6 +102,18 @@ def _vae(*, latent_channels: int = 4, **extra: Any) -> Any:
     )
 
 
+# The UNet both SD 2.x and SDXL build on (each adds what its family needs).
+_UNET: dict[str, Any] = dict(
+    block_out_channels=(32, 64),
+    layers_per_block=2,
+    sample_size=32,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(2, 4),
+    use_linear_projection=True,
+)
 _SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1)
 
 
@@ -154,15 +166,7 @@ def build_sd2(out: Path, variant: str | None = None) -> None:
     tokenizer, vocab = _clip_tokenizer()
     text_encoder = CLIPTextModel(_clip_text_config(vocab, hidden_size=64, hidden_act="gelu"))
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
+        **_UNET,
         cross_attention_dim=64,
     )
     scheduler = EulerDiscreteScheduler(**_SD_BETAS, timestep_spacing="trailing")
@@ -208,15 +212,7 @@ def build_sdxl(out: Path, variant: str | None = None, *, scheduler: str = "euler
     text_encoder = CLIPTextModel(text_config)
     text_encoder_2 = CLIPTextModelWithProjection(text_config)
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
+        **_UNET,
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
         transformer_layers_per_block=(1, 2),
