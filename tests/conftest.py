@@ -21,7 +21,7 @@ from t2i_orchestrator.models import ModelSpec
 
 from .fakes import FakeEngine, FakeOrchestrator
 from .helpers import Gateway, MakeClient, MakeGateway, wait_ready, wait_until
-from .processes import STARTED
+from .processes import PRODUCT, STARTED
 
 # Tests never reach the Hugging Face Hub, and several torch processes share two cores.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -30,14 +30,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
-# The project's own code, checked by blockbuster: file I/O, time.sleep or a blocking lock called from
-# it on a running event loop fails the test (as aiohttp's own suite does for aiohttp). Executor threads
-# have no running loop, so the blocking work that belongs there passes.
-PRODUCT = ["t2i_common", "t2i_gateway", "t2i_orchestrator", "t2i_cli", "discovery", "metrics"]
-
-
 @pytest.fixture(autouse=True)
 def blockbuster() -> Iterator[None]:
+    """Blocking calls on a running loop from the project's packages (``PRODUCT``) fail the test."""
     with blockbuster_ctx(PRODUCT):
         yield
     # The daemons that end-to-end tests start run with it too (tests/blockbuster_site): their logs say.

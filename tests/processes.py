@@ -10,8 +10,13 @@ from pathlib import Path
 from bench.common import Process as Daemon
 from bench.common import free_port, launch
 
-__all__ = ["STARTED", "Daemon", "free_port", "start", "wait_healthy"]
+__all__ = ["PRODUCT", "STARTED", "Daemon", "free_port", "start", "wait_healthy"]
 
+# The project's own packages, checked by blockbuster in the tests and in the daemons they start: file
+# I/O, time.sleep or a blocking lock called from them on a running event loop fails the test (as
+# aiohttp's own suite does for aiohttp). Executor threads have no running loop, so the blocking work
+# that belongs there passes.
+PRODUCT = ["t2i_common", "t2i_gateway", "t2i_orchestrator", "t2i_cli", "discovery", "metrics"]
 BLOCKBUSTER_SITE = Path(__file__).parent / "blockbuster_site"
 STARTED: list[Daemon] = []  # every daemon started, whose log the blockbuster fixture reads after each test
 
@@ -20,7 +25,8 @@ def start(module: str, args: list[str], log_dir: Path, env: dict[str, str] | Non
     """``python -m module args`` on loopback, with blockbuster on in it (see ``blockbuster_site``)."""
     port = port or free_port()
     path = os.pathsep.join(filter(None, [str(BLOCKBUSTER_SITE), os.environ.get("PYTHONPATH")]))
-    daemon = launch(["-m", module, *args], log_dir, f"{module}-{port}", {"PYTHONPATH": path, **(env or {})}, port)
+    env = {"PYTHONPATH": path, "T2I_BLOCKBUSTER": ",".join(PRODUCT), **(env or {})}
+    daemon = launch(["-m", module, *args], log_dir, f"{module}-{port}", env, port)
     STARTED.append(daemon)
     return daemon
 

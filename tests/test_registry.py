@@ -167,7 +167,7 @@ def test_bad_files_and_flags_stop_the_daemons_at_start_with_a_clear_error(tmp_pa
 
 def test_the_daemons_that_tests_start_fail_on_a_blocking_call(tmp_path: Path) -> None:
     """The end-to-end tests' daemons run with blockbuster (tests/processes.py): a file read on the loop raises."""
-    from .processes import BLOCKBUSTER_SITE
+    from .processes import BLOCKBUSTER_SITE, PRODUCT
 
     registry = tmp_path / "registry.json"
     register(registry, "http://127.0.0.1:1", heartbeat=False)
@@ -182,7 +182,7 @@ def test_the_daemons_that_tests_start_fail_on_a_blocking_call(tmp_path: Path) ->
     )
     result = subprocess.run(
         [sys.executable, "-c", code, str(registry)],
-        env={**os.environ, "PYTHONPATH": str(BLOCKBUSTER_SITE)},
+        env={**os.environ, "PYTHONPATH": str(BLOCKBUSTER_SITE), "T2I_BLOCKBUSTER": ",".join(PRODUCT)},
         capture_output=True,
         text=True,
         timeout=60,

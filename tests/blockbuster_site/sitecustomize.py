@@ -1,9 +1,11 @@
 """Run at start-up by the daemons that the end-to-end tests launch (``tests/processes.py`` puts this folder
-on their ``PYTHONPATH``): blockbuster over the project's packages, as in the tests' own process. A
-blocking call on a daemon's event loop raises there; the error lands in the daemon's log, which the
-tests' ``blockbuster`` fixture reads."""
+on their ``PYTHONPATH`` and names the packages to watch in ``T2I_BLOCKBUSTER``): blockbuster over the
+project's packages, as in the tests' own process. A blocking call on a daemon's event loop raises there;
+the error lands in the daemon's log, which the tests' ``blockbuster`` fixture reads."""
 
-from blockbuster import BlockBuster
+import os
 
-# The same packages as PRODUCT in tests/conftest.py.
-BlockBuster(["t2i_common", "t2i_gateway", "t2i_orchestrator", "t2i_cli", "discovery", "metrics"]).activate()
+if os.environ.get("T2I_BLOCKBUSTER"):
+    from blockbuster import BlockBuster
+
+    BlockBuster(os.environ["T2I_BLOCKBUSTER"].split(",")).activate()
