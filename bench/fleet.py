@@ -3,8 +3,10 @@
 Starts a real ``redis-server`` on loopback, N zero-cost fake orchestrators (named as fakes: one
 process serves one aiohttp app on N loopback ports; each answers ``/capabilities`` as a ready node
 offering ``t2i/tiny-sd`` warm and ``m/other`` on demand, and ``/text-to-image`` at once with a tiny
-image url), registers them all in Redis in one pipeline of heartbeats, and runs one real gateway
-(``python -m t2i_gateway --registry redis://...``, default probe settings). It measures, in one run:
+image url), registers them all in Redis in one pipeline of heartbeats that carry each one's report
+(its ``/capabilities``, as real nodes' heartbeats do; ``--without-reports``: urls only, so that the
+gateway probes them), and runs one real gateway (``python -m t2i_gateway --registry redis://...``,
+default probe settings). It measures, in one run:
 
 1. seconds from registration (all N heartbeats written) until the gateway's ``/orchestrators`` lists
    all N as healthy;
@@ -21,6 +23,7 @@ It prints a table, the goals with "met" or "MISSED", and one summary line; it do
 goal is missed, so that the figures are always printed.
 
     .venv/bin/python -m bench.fleet --nodes 1000
+    .venv/bin/python -m bench.fleet --nodes 1000 --without-reports
 """
 
 from __future__ import annotations
@@ -63,27 +66,30 @@ GOAL_RATIO = 0.9
 # -- the fake fleet (a child process) -------------------------------------------------------------
 
 
+def fake_report(host: str, capacity: int) -> dict[str, Any]:
+    """A fake node's ``/capabilities``, which is also the report its heartbeat carries."""
+    return {
+        "node_id": f"fake-{host}",
+        "version": "0",
+        "device": "none",
+        "status": "ready",
+        "capacity": capacity,
+        "in_flight": 0,
+        "queued": 0,
+        "models": [
+            {"model_id": MODEL, "pipeline": "text-to-image", "warm": True, "loaded": True},
+            {"model_id": OTHER, "pipeline": "text-to-image", "warm": False, "loaded": False},
+        ],
+    }
+
+
 def fake_fleet_app(capacity: int) -> web.Application:
     """One app for every fake node; ``/fake-stats`` counts what all of them were asked."""
     counts = {"capabilities": 0, "text_to_image": 0}
 
     async def capabilities(request: web.Request) -> web.Response:
         counts["capabilities"] += 1
-        return web.json_response(
-            {
-                "node_id": f"fake-{request.host}",
-                "version": "0",
-                "device": "none",
-                "status": "ready",
-                "capacity": capacity,
-                "in_flight": 0,
-                "queued": 0,
-                "models": [
-                    {"model_id": MODEL, "pipeline": "text-to-image", "warm": True, "loaded": True},
-                    {"model_id": OTHER, "pipeline": "text-to-image", "warm": False, "loaded": False},
-                ],
-            }
-        )
+        return web.json_response(fake_report(request.host, capacity))
 
     async def text_to_image(request: web.Request) -> web.Response:
         counts["text_to_image"] += 1
@@ -157,8 +163,9 @@ class Fakes:
             self.process.wait(timeout=30)
 
 
-async def register(redis_url: str, urls: list[str], prefix: str) -> float:
-    """Heartbeat every url into the registry in one pipeline, as nodes do; the seconds it took."""
+async def register(redis_url: str, urls: list[str], prefix: str, capacity: int | None) -> float:
+    """Heartbeat every url with its report (capacity None: without, as ``t2i-register`` does) into the
+    registry in one pipeline, as nodes do; the seconds it took."""
     from discovery import RegistrySettings
     from discovery.redis_registry import RedisRegistry
 
@@ -167,8 +174,8 @@ async def register(redis_url: str, urls: list[str], prefix: str) -> float:
         started = time.monotonic()
         pipe = registry.client.pipeline(transaction=False)
         for url in urls:
-            # The registry's own heartbeat script (what RedisRegistry.heartbeat runs), queued on the pipeline.
-            await registry._heartbeat(keys=[registry.key, registry.channel], args=[url, repr(TTL_S)], client=pipe)  # noqa: SLF001
+            report = "" if capacity is None else json.dumps(fake_report(url.removeprefix("http://"), capacity))
+            await registry.heartbeat(url, TTL_S, report, changed=True, pipeline=pipe)
         results = await pipe.execute()
         assert sum(map(int, results)) == len(urls), "some heartbeats did not add a node"
         return time.monotonic() - started
@@ -325,13 +332,14 @@ async def run(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
         many = start_gateway(redis.url, "fleet", folder, "gateway-fleet")
         gateways.append(many)
         await wait_listening(many)
-        figures["register_write_s"] = await register(redis.url, urls, "fleet")
+        reported = None if args.without_reports else args.fake_capacity
+        figures["register_write_s"] = await register(redis.url, urls, "fleet", reported)
         written = time.monotonic()
         routable = await wait_routable(many, urls)
         figures["routable_s"] = time.monotonic() - written if routable else math.nan
-        # Idle probes reach their steady rate after the shortest re-probe interval (the burst of first
-        # probes is over by then).
-        await asyncio.sleep(max(1.0, 0.5 * args.nodes / MAX_IDLE_PROBES_PER_S))
+        # Without reports, idle probes reach their steady rate after the shortest re-probe interval (the
+        # burst of first probes is over by then).
+        await asyncio.sleep(max(1.0, 0.5 * args.nodes / MAX_IDLE_PROBES_PER_S) if args.without_reports else 1.0)
         figures["idle_cpu_pct"], figures["idle_probes_per_s"] = await idle_cpu(many, fakes, args.idle_seconds)
         figures["idle_rss_mib"], figures["idle_hwm_mib"] = memory_mib(many.process.pid)
 
@@ -339,7 +347,7 @@ async def run(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
         one = start_gateway(redis.url, "single", folder, "gateway-single")
         gateways.append(one)
         await wait_listening(one)
-        await register(redis.url, urls[:1], "single")
+        await register(redis.url, urls[:1], "single", reported)
         if not await wait_routable(one, urls[:1]):
             raise RuntimeError(f"the one-node gateway never saw its node: {one.log.read_text()[-2000:]}")
         await asyncio.sleep(1)
@@ -411,7 +419,8 @@ def report(f: dict[str, Any], args: argparse.Namespace) -> str:
     width = max(len(r[0]) for r in rows)
     vwidth = max(len(r[1]) for r in rows)
     lines = [
-        f"bench.fleet: {n} fake nodes (capacity {args.fake_capacity} each, so that one node is never busy), one gateway, "
+        f"bench.fleet: {n} fake nodes (capacity {args.fake_capacity} each, so that one node is never busy), "
+        f"{'registered without reports (probed)' if args.without_reports else 'reporting through Redis'}, one gateway, "
         f"load {args.concurrency} clients x {args.seconds:g} s x {args.rounds} rounds each, idle {args.idle_seconds:g} s",
         *(f"{name:<{width}}  {value:<{vwidth}}  {goal}".rstrip() for name, value, goal in rows),
     ]
@@ -439,6 +448,9 @@ def main() -> None:
     parser.add_argument("--idle-seconds", type=float, default=10.0, help="seconds over which idle CPU is measured")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--fake-capacity", type=int, default=1000, help="capacity each fake node advertises")
+    parser.add_argument(
+        "--without-reports", action="store_true", help="register the fakes without reports, so that the gateway probes them"
+    )
     parser.add_argument("--serve-fakes", type=int, metavar="N", help=argparse.SUPPRESS)  # the fake fleet's own process
     args = parser.parse_args()
     # Listening sockets, probes' and requests' connections: the children inherit the limit.

@@ -1,7 +1,9 @@
 """How the gateway finds orchestrators: one small interface, several backends.
 
 A backend keeps a current set of ``Endpoint``s. The gateway calls ``refresh()`` from a background
-task and reads ``snapshot()`` whenever it needs the set; handlers never wait on discovery.
+task and reads ``snapshot()`` whenever it needs the set; handlers never wait on discovery. A backend
+whose nodes publish reports of themselves (Redis) also hands those on (``take_reports()``), and the
+gateway then need not probe those nodes while it does not use them.
 
 - ``StaticDiscovery``: a fixed list (``--orchestrator URL``, repeatable).
 - ``RegistryFileDiscovery``: a JSON registry file that nodes add themselves to (``registry.py``).
@@ -39,6 +41,11 @@ class Discovery(Protocol):
         """The endpoints known now; cheap and non-blocking."""
         ...
 
+    def take_reports(self) -> dict[str, dict[str, Any]]:
+        """The reports nodes published of themselves (the body of their ``/capabilities``), by url, that
+        arrived since the last call; cheap and non-blocking. Empty from a backend that carries none."""
+        ...
+
     async def refresh(self) -> bool:
         """Look for changes; True when the set changed."""
         ...
@@ -51,8 +58,10 @@ class Registrar(Protocol):
 
     where: str  # the registry, for logs (no password)
 
-    async def heartbeat(self) -> None:
-        """Join, or say it is still alive."""
+    async def heartbeat(self, report: dict[str, Any], *, changed: bool) -> None:
+        """Join, or say it is still alive. ``report`` is what the node offers now (the body of its
+        ``/capabilities``); ``changed``: the offer differs from the last heartbeat's by more than its
+        load. A registry that passes reports on to gateways announces a changed one at once."""
         ...
 
     async def deregister(self) -> None: ...
@@ -136,6 +145,9 @@ class StaticDiscovery:
     def snapshot(self) -> tuple[Endpoint, ...]:
         return self._endpoints
 
+    def take_reports(self) -> dict[str, dict[str, Any]]:
+        return {}
+
     async def refresh(self) -> bool:
         return False
 
@@ -151,6 +163,9 @@ class CombinedDiscovery:
 
     def snapshot(self) -> tuple[Endpoint, ...]:
         return tuple(dict.fromkeys(e for backend in self._backends for e in backend.snapshot()))
+
+    def take_reports(self) -> dict[str, dict[str, Any]]:
+        return {url: report for backend in self._backends for url, report in backend.take_reports().items()}
 
     async def refresh(self) -> bool:
         # Side by side, and one backend's failure does not keep the others from refreshing.

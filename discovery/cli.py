@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import math
 import os
 import sys
@@ -70,9 +71,9 @@ def _redis(settings: RegistrySettings, args: argparse.Namespace) -> list[str]:
         registry = RedisRegistry(settings)
         try:
             if args.list:
-                now, entries = await registry.read()
+                now, entries, reports = await registry.read()
                 return [
-                    f"{url}\t{'static' if math.isinf(expiry) else f'expires in {expiry - now:.0f}s'}"
+                    f"{url}\t{'static' if math.isinf(expiry) else f'expires in {expiry - now:.0f}s'}\t{_status(reports.get(url))}"
                     for url, expiry in sorted(entries.items())
                 ]
             if args.remove:
@@ -89,3 +90,13 @@ def _redis(settings: RegistrySettings, args: argparse.Namespace) -> list[str]:
             await registry.close()
 
     return asyncio.run(run())
+
+
+def _status(report: str | None) -> str:
+    """The status in a node's report (ready, loading, draining), for ``--list``."""
+    if report is None:
+        return "no report"
+    try:
+        return str(json.loads(report)["status"])
+    except (ValueError, KeyError, TypeError):
+        return "unreadable report"

@@ -6,9 +6,14 @@ Under a key prefix (``--registry-prefix``, default ``t2i``, so that several flee
   seconds on Redis's own clock (``TIME``), ``+inf`` for a static entry (``t2i-register`` without
   ``--heartbeat``). A heartbeat moves the score forward; every read removes what has expired, in the
   same script. So expiry is decided by one clock, Redis's, never by a gateway's or a node's.
-- ``<prefix>:orchestrators:events`` is a channel on which joins and leaves are announced
-  (``join <url>``, ``leave <url>``), so that gateways hear of them at once; a full read every few
-  seconds is the safety net for a missed message. A full read is one round trip, however large the fleet.
+- ``<prefix>:orchestrators:reports`` is a hash: field = a node's URL, value = its report, the JSON body
+  of its ``/capabilities`` (status, capacity, load, models), written with each heartbeat and removed
+  with its entry. Gateways take a reporting node's state from here instead of probing it while idle:
+  probing every node from every gateway is what a large fleet cannot afford.
+- ``<prefix>:orchestrators:events`` is a channel on which joins, leaves and changed offers are announced
+  (``join <url>``, ``leave <url>``, ``report <url>``), so that gateways hear of them at once; a full read
+  every few seconds is the safety net for a missed message, and brings everyone's latest load. A full
+  read is one round trip, however large the fleet.
 
 A gateway keeps each node until its entry's expiry (measured by Redis, counted down by the gateway)
 or its ``leave``. When Redis is unreachable the gateway keeps the last known set, and when Redis comes
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import time
@@ -28,6 +34,7 @@ from typing import Any
 
 import redis.asyncio as redis
 from redis import __version__ as redis_py_version
+from redis.asyncio.client import Pipeline
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.driver_info import DriverInfo
@@ -37,28 +44,39 @@ from . import Endpoint, RegistrySettings, normalize_url
 
 logger = logging.getLogger(__name__)
 
-# Add or refresh a node; announce it when it is new. KEYS: set, channel. ARGV: url, ttl seconds ("" = static).
+# Add or refresh a node and its report; announce it when it is new, or when its offer changed.
+# KEYS: set, reports, channel. ARGV: url, ttl seconds ("" = static), report ("" = none), "1" = offer changed.
 _HEARTBEAT = """
 local now = redis.call('TIME')
 local expiry = '+inf'
 if ARGV[2] ~= '' then expiry = tonumber(now[1]) + tonumber(now[2]) / 1e6 + tonumber(ARGV[2]) end
 local added = redis.call('ZADD', KEYS[1], expiry, ARGV[1])
-if added == 1 then redis.call('PUBLISH', KEYS[2], 'join ' .. ARGV[1]) end
+if ARGV[3] ~= '' then redis.call('HSET', KEYS[2], ARGV[1], ARGV[3]) end
+if added == 1 then
+  redis.call('PUBLISH', KEYS[3], 'join ' .. ARGV[1])
+elseif ARGV[4] == '1' then
+  redis.call('PUBLISH', KEYS[3], 'report ' .. ARGV[1])
+end
 return added
 """
 
-# Drop expired entries, then return Redis's time and every entry with its expiry. KEYS: set.
+# Drop expired entries and their reports, then return Redis's time, every entry with its expiry,
+# and every report. KEYS: set, reports.
 _READ = """
 local now = redis.call('TIME')
 local t = tonumber(now[1]) + tonumber(now[2]) / 1e6
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. t)
-return {tostring(t), redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')}
+for _, url in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. t)) do
+  redis.call('ZREM', KEYS[1], url)
+  redis.call('HDEL', KEYS[2], url)
+end
+return {tostring(t), redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES'), redis.call('HGETALL', KEYS[2])}
 """
 
-# Remove a node and announce it. KEYS: set, channel. ARGV: url.
+# Remove a node and its report, and announce it. KEYS: set, reports, channel. ARGV: url.
 _LEAVE = """
 local removed = redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('PUBLISH', KEYS[2], 'leave ' .. ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('PUBLISH', KEYS[3], 'leave ' .. ARGV[1])
 return removed
 """
 
@@ -72,27 +90,39 @@ class RedisRegistry:
     def __init__(self, settings: RegistrySettings) -> None:
         self.settings = settings
         self.key = f"{settings.prefix}:orchestrators"
+        self.reports = f"{self.key}:reports"
         self.channel = f"{self.key}:events"
         self.client = connect(settings)
         self._heartbeat = self.client.register_script(_HEARTBEAT)
         self._read = self.client.register_script(_READ)
         self._leave = self.client.register_script(_LEAVE)
 
-    async def heartbeat(self, url: str, ttl_s: float | None) -> bool:
-        """Add or refresh ``url`` (for ``ttl_s`` seconds; None: static). True when it was new."""
-        return bool(await self._heartbeat(keys=[self.key, self.channel], args=[url, "" if ttl_s is None else repr(ttl_s)]))
+    async def heartbeat(
+        self, url: str, ttl_s: float | None, report: str = "", *, changed: bool = False, pipeline: Pipeline | None = None
+    ) -> bool:
+        """Add or refresh ``url`` (for ``ttl_s`` seconds; None: static) with its ``report`` (JSON; "":
+        none), announcing the report when ``changed``. True when it was new; with ``pipeline``, only
+        queued on it (its ``execute()`` has the result)."""
+        args = [url, "" if ttl_s is None else repr(ttl_s), report, "1" if changed else ""]
+        added = await self._heartbeat(keys=[self.key, self.reports, self.channel], args=args, client=pipeline)
+        return pipeline is None and bool(added)
 
     async def leave(self, url: str) -> bool:
         """Remove ``url``; False when it was not there."""
-        return bool(await self._leave(keys=[self.key, self.channel], args=[url]))
+        return bool(await self._leave(keys=[self.key, self.reports, self.channel], args=[url]))
 
-    async def read(self) -> tuple[float, dict[str, float]]:
-        """Redis's time now and every live entry's expiry on that clock (``inf`` for static ones)."""
-        now, flat = await self._read(keys=[self.key])
-        return float(now), {flat[i]: float(flat[i + 1]) for i in range(0, len(flat), 2)}
+    async def read(self) -> tuple[float, dict[str, float], dict[str, str]]:
+        """Redis's time now, every live entry's expiry on that clock (``inf`` for static ones), and the
+        reports of the nodes that sent one."""
+        now, flat, reports = await self._read(keys=[self.key, self.reports])
+        return float(now), _pairs(flat, float), _pairs(reports, str)
 
     async def close(self) -> None:
         await self.client.aclose()
+
+
+def _pairs(flat: list[str], value: Callable[[str], Any]) -> dict[str, Any]:
+    return {flat[i]: value(flat[i + 1]) for i in range(0, len(flat), 2)}
 
 
 def connect(settings: RegistrySettings) -> redis.Redis:
@@ -133,8 +163,8 @@ class RedisRegistrar:
         self._url = url
         self._ttl_s = ttl_s
 
-    async def heartbeat(self) -> None:
-        await self._registry.heartbeat(self._url, self._ttl_s)
+    async def heartbeat(self, report: dict[str, Any], *, changed: bool) -> None:
+        await self._registry.heartbeat(self._url, self._ttl_s, json.dumps(report, separators=(",", ":")), changed=changed)
 
     async def deregister(self) -> None:
         await self._registry.leave(self._url)
@@ -160,6 +190,8 @@ class RedisDiscovery:
         self._full_read_s = full_read_s
         self._on_error = on_error
         self._deadlines: dict[str, float] = {}  # url -> time.monotonic() when its entry expires
+        self._reports: dict[str, str] = {}  # url -> its last report, as read
+        self._fresh: dict[str, dict[str, Any]] = {}  # url -> its report, if new since the last take_reports()
         self._current: tuple[Endpoint, ...] = ()
         self._changed = False
         self._connected = False
@@ -170,6 +202,10 @@ class RedisDiscovery:
     def snapshot(self) -> tuple[Endpoint, ...]:
         return self._current
 
+    def take_reports(self) -> dict[str, dict[str, Any]]:
+        fresh, self._fresh = self._fresh, {}
+        return fresh
+
     async def refresh(self) -> bool:
         """Cheap: the follower task does the I/O; this applies expiry and says whether the set changed."""
         if self._task is None:
@@ -178,7 +214,7 @@ class RedisDiscovery:
             expired = [url for url, deadline in self._deadlines.items() if deadline <= time.monotonic()]
             for url in expired:
                 logger.info("orchestrator %s: its registry entry expired", url)
-                del self._deadlines[url]
+                self._forget(url)
             if expired:
                 self._publish()
         changed, self._changed = self._changed, False
@@ -220,17 +256,18 @@ class RedisDiscovery:
             read = time.monotonic() >= next_read
             while message is not None:  # take everything already there, then read once
                 kind, _, url = str(message.get("data", "")).partition(" ")
-                if kind == "leave" and self._deadlines.pop(url, None) is not None:
+                if kind == "leave" and url in self._deadlines:
                     logger.info("orchestrator %s left the registry", url)
+                    self._forget(url)
                     self._publish()
-                read = read or kind == "join"
+                read = read or kind in ("join", "report")
                 message = await pubsub.get_message(timeout=0.0)
             if read:
                 await self._read(registry)
                 next_read = time.monotonic() + self._full_read_s
 
     async def _read(self, registry: RedisRegistry) -> None:
-        redis_now, entries = await registry.read()
+        redis_now, entries, reports = await registry.read()
         local_now = time.monotonic()
         present: dict[str, float] = {}
         for url, expiry in entries.items():
@@ -242,9 +279,21 @@ class RedisDiscovery:
         # they stay until their expiry, by which time their nodes have heartbeaten again.
         for url, deadline in list(self._deadlines.items()):
             if url not in present and math.isinf(deadline):
-                del self._deadlines[url]
+                self._forget(url)
         self._deadlines.update(present)
+        for url, report in reports.items():
+            if url in present and report != self._reports.get(url):  # parsed only when it changed
+                self._reports[url] = report
+                try:
+                    self._fresh[url] = json.loads(report)
+                except ValueError:
+                    logger.warning("orchestrator %s: its registry report is not JSON; ignored", url)
         self._publish()
+
+    def _forget(self, url: str) -> None:
+        self._deadlines.pop(url, None)
+        self._reports.pop(url, None)
+        self._fresh.pop(url, None)
 
     def _publish(self) -> None:
         current = tuple(Endpoint(url) for url in sorted(self._deadlines))

@@ -147,6 +147,9 @@ class RegistryFileDiscovery:
     def snapshot(self) -> tuple[Endpoint, ...]:
         return self._current
 
+    def take_reports(self) -> dict[str, dict[str, Any]]:
+        return {}  # the file holds urls only: gateways probe its nodes
+
     async def close(self) -> None:
         pass
 
@@ -191,8 +194,8 @@ class RegistryFileRegistrar:
         self._path = path
         self._url = url
 
-    async def heartbeat(self) -> None:
-        await asyncio.to_thread(register, self._path, self._url, heartbeat=True)
+    async def heartbeat(self, report: dict[str, Any], *, changed: bool) -> None:
+        await asyncio.to_thread(register, self._path, self._url, heartbeat=True)  # the file keeps no report
 
     async def deregister(self) -> None:
         await asyncio.to_thread(deregister, self._path, self._url)

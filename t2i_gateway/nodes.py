@@ -1,10 +1,12 @@
 """What the gateway knows about each orchestrator, how it keeps that fresh, and how it picks one.
 
-A background task (``NodePool.run``) follows discovery and probes every node's ``/capabilities``:
-every ``probe_interval_s`` when idle (less often in a large fleet: at most ``MAX_IDLE_PROBES_PER_S``
-in all), every second while it has requests from us in flight (a hung node is noticed in seconds, not
-at the end of a generation timeout), several times a second while it is loading, and at the end of
-its suspension after a failure.
+A background task (``NodePool.run``) follows discovery and probes nodes' ``/capabilities``: every
+second while a node has requests from us in flight (a hung node is noticed in seconds, not at the end
+of a generation timeout), and at the end of its suspension after a failure. A node whose registry
+passes on its reports (Redis) is otherwise known from those, and not probed: in a large fleet, every
+gateway probing every node is what costs. Any other node is also probed every ``probe_interval_s``
+when idle (less often in a large fleet: at most ``MAX_IDLE_PROBES_PER_S`` in all), and several times
+a second while it is loading.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ class Node:
     in_flight_at_probe: int = 0
     latency_s: float | None = None  # moving average of successful requests
     next_probe: float = 0.0
+    reports: bool = False  # its registry passes on its reports: probed only while in use or after a failure
     # Set when the node is found down; attempts waiting on it give up at once and retry elsewhere.
     down: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -179,6 +182,7 @@ class NodePool:
 
     def _take(self, node: Node) -> Node:
         node.in_flight += 1
+        node.next_probe = min(node.next_probe, time.monotonic() + BUSY_PROBE_S)  # in use: probed every second
         self._idle.pop(node, None)
         return node
 
@@ -334,8 +338,26 @@ class NodePool:
                 self.nodes[url] = Node(endpoint)
             elif self.nodes[url].endpoint != endpoint:
                 self.nodes[url].endpoint = endpoint
+        now = time.monotonic()
+        for url, report in self.discovery.take_reports().items():
+            node = self.nodes.get(url)
+            if node is not None:
+                self._reported(node, report, now)
         if self._waiters:
             self._grant()
+
+    def _reported(self, node: Node, report: dict[str, Any], now: float) -> None:
+        """A report the node published through the registry: as good as a probe, if a little older."""
+        try:
+            capabilities = _check_capabilities(report)
+        except (ValueError, TypeError) as exc:
+            logger.warning("orchestrator %s: ignoring its registry report: %s", node.url, exc)
+            return
+        node.reports = True
+        # A node in use is probed every second (fresher than a report); a suspended one is believed
+        # again only when a probe of ours reaches it.
+        if not (node.in_flight or node.suspended(now) or node.url in self._probing):
+            self._apply(node, capabilities, now)
 
     async def _probe(self, node: Node) -> None:
         assert self._session is not None
@@ -360,7 +382,12 @@ class NodePool:
             return
         finally:
             self._probing.discard(node.url)
-        now = time.monotonic()
+        self._apply(node, capabilities, time.monotonic())
+        if self._waiters:
+            self._grant()  # it may have room again
+
+    def _apply(self, node: Node, capabilities: dict[str, Any], now: float) -> None:
+        """What a probe or a report says of ``node``; when to probe it next."""
         node.capabilities = capabilities
         node.capacity = int(capabilities["capacity"])
         node.reported_busy = int(capabilities["in_flight"]) + int(capabilities["queued"])
@@ -376,12 +403,12 @@ class NodePool:
         if tiers != node.tiers or node.ready != was_ready:
             node.tiers = tiers
             self._stale = True
-        if self._waiters:
-            self._grant()  # it may have room again
-        if not node.ready:
+        if node.in_flight:
+            node.next_probe = now + (BUSY_PROBE_S if node.ready else NOT_READY_PROBE_S)
+        elif node.reports:
+            node.next_probe = math.inf  # its reports keep it current; a changed offer is announced at once
+        elif not node.ready:
             node.next_probe = now + NOT_READY_PROBE_S
-        elif node.in_flight:
-            node.next_probe = now + BUSY_PROBE_S
         else:
             # Bounded in a large fleet: 1,000 nodes every 5 s would cost each gateway 200 probes a second
             # (bench.fleet: even 50 a second cost it about 4 % of its throughput); a node in use is still

@@ -34,6 +34,7 @@ from .storage import IMAGE_ID_PATTERN, IMAGE_NAME_PATTERN, ImageStore
 logger = logging.getLogger(__name__)
 
 PUBLIC_PATHS = frozenset({"/health", "/metrics"})
+OFFER_CHECK_S = 1.0  # how soon a changed offer (ready, draining, a model loaded) is sent to the registry
 WARM_UP_REQUEST = TextToImageRequest(prompt="warm-up", width=256, height=256, safety_check=False)
 
 
@@ -163,19 +164,26 @@ async def _image_sweeper(app: web.Application) -> AsyncIterator[None]:
 async def _registration(app: web.Application) -> AsyncIterator[None]:
     """Be in the registry while serving: joined at start, heartbeats, left on a clean shutdown.
 
-    A registry that cannot be reached is logged once per outage; the node keeps serving and keeps
-    trying at every heartbeat, so it is back in the registry as soon as the registry is.
+    Each heartbeat carries the node's report (its ``/capabilities``), so that a Redis registry can pass
+    it on to gateways; when the offer changes (ready, draining, a model loaded or unloaded) the next
+    heartbeat goes within a second, not at the end of the interval. A registry that cannot be reached
+    is logged once per outage; the node keeps serving and keeps trying at every heartbeat, so it is
+    back in the registry as soon as the registry is.
     """
     config = app[CONFIG]
     assert config.register and config.advertise_url
     registrar = open_registrar(config.register, config.advertise_url, heartbeat_ttl_s=config.heartbeat_ttl_s)
     failing = False
+    sent: dict[str, Any] | None = None  # the offer of the last heartbeat that went through
+    next_beat = 0.0
 
-    async def heartbeat() -> None:
-        nonlocal failing
+    async def heartbeat(report: dict[str, Any]) -> None:
+        nonlocal failing, sent, next_beat
+        offer = _offer(report)
+        next_beat = time.monotonic() + config.heartbeat_interval_s
         try:
             async with asyncio.timeout(config.heartbeat_interval_s):
-                await registrar.heartbeat()
+                await registrar.heartbeat(report, changed=offer != sent)
         except Exception as exc:  # whatever the backend raises, the node serves on
             if not failing:
                 logger.error(
@@ -188,14 +196,16 @@ async def _registration(app: web.Application) -> AsyncIterator[None]:
             return
         if failing:
             logger.warning("the registry %s is reachable again", registrar.where)
-        failing = False
+        failing, sent = False, offer
 
     async def heartbeat_forever() -> None:
         while True:
-            await asyncio.sleep(config.heartbeat_interval_s)
-            await heartbeat()
+            await asyncio.sleep(min(OFFER_CHECK_S, config.heartbeat_interval_s))
+            report = capabilities_report(app)
+            if time.monotonic() >= next_beat or (not failing and _offer(report) != sent):
+                await heartbeat(report)
 
-    await heartbeat()
+    await heartbeat(capabilities_report(app))
     if not failing:
         logger.info("registered %s in %s", config.advertise_url, registrar.where)
     task = asyncio.create_task(heartbeat_forever())
@@ -211,6 +221,11 @@ async def _registration(app: web.Application) -> AsyncIterator[None]:
         logger.error("could not remove this node from %s: %s", registrar.where, exc or type(exc).__name__)
     finally:
         await registrar.close()
+
+
+def _offer(report: dict[str, Any]) -> dict[str, Any]:
+    """A report without its load: what changes when the node becomes ready or a model is loaded."""
+    return {key: value for key, value in report.items() if key not in ("in_flight", "queued")}
 
 
 # -- handlers ----------------------------------------------------------------------------------
@@ -280,30 +295,32 @@ async def stream_image(request: web.Request) -> web.StreamResponse:
 
 
 async def capabilities(request: web.Request) -> web.Response:
-    app = request.app
+    return web.json_response(capabilities_report(request.app))
+
+
+def capabilities_report(app: web.Application) -> dict[str, Any]:
+    """What this node offers now, and its load: ``/capabilities``, and its registry heartbeats."""
     config, device, engine = app[CONFIG], app[DEVICE], app[ENGINE]
     loaded = set(engine.loaded_models())
-    return web.json_response(
-        {
-            "node_id": config.node_id,
-            "version": __version__,
-            "device": engine.device,
-            "status": "draining" if app[DRAIN].draining else app[READINESS].status,
-            "capacity": device.capacity,
-            "in_flight": device.running,
-            "queued": device.waiting,
-            "models": [
-                {
-                    "model_id": spec.model_id,
-                    "pipeline": spec.pipeline,
-                    "warm": spec.warm,
-                    "loaded": spec.model_id in loaded,
-                    "capacity": spec.capacity,  # as the models file says; the node runs one job at a time
-                }
-                for spec in config.models
-            ],
-        }
-    )
+    return {
+        "node_id": config.node_id,
+        "version": __version__,
+        "device": engine.device,
+        "status": "draining" if app[DRAIN].draining else app[READINESS].status,
+        "capacity": device.capacity,
+        "in_flight": device.running,
+        "queued": device.waiting,
+        "models": [
+            {
+                "model_id": spec.model_id,
+                "pipeline": spec.pipeline,
+                "warm": spec.warm,
+                "loaded": spec.model_id in loaded,
+                "capacity": spec.capacity,  # as the models file says; the node runs one job at a time
+            }
+            for spec in config.models
+        ],
+    }
 
 
 async def health(request: web.Request) -> web.Response:

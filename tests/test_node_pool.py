@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 from collections import Counter
+from typing import Any
 
 import aiohttp
 from prometheus_client import CollectorRegistry
@@ -84,6 +87,9 @@ class GatedDiscovery:
     def snapshot(self) -> tuple[Endpoint, ...]:
         return ()
 
+    def take_reports(self) -> dict[str, dict[str, Any]]:
+        return {}
+
     async def refresh(self) -> bool:
         self.gate = asyncio.get_running_loop().create_future()
         return await self.gate
@@ -105,3 +111,72 @@ async def test_stopping_the_pool_as_a_refresh_ends_stops_it() -> None:
         task.cancel()  # ...in the same turn of the loop as the shutdown
         done, _ = await asyncio.wait([task], timeout=2)
         assert task in done and task.cancelled()
+
+
+class ReportingDiscovery:
+    """A fake discovery whose nodes publish reports, as a Redis registry's do."""
+
+    def __init__(self, *urls: str) -> None:
+        self.endpoints = tuple(Endpoint(url) for url in urls)
+        self.reports: dict[str, dict[str, Any]] = {}
+
+    def snapshot(self) -> tuple[Endpoint, ...]:
+        return self.endpoints
+
+    def take_reports(self) -> dict[str, dict[str, Any]]:
+        reports, self.reports = self.reports, {}
+        return reports
+
+    async def refresh(self) -> bool:
+        return False
+
+    async def close(self) -> None:
+        pass
+
+
+def report(status: str = "ready", in_flight: int = 0) -> dict[str, Any]:
+    models = [{"model_id": "m/warm", "warm": True, "loaded": True}, {"model_id": "m/cold", "warm": False, "loaded": False}]
+    return {"status": status, "capacity": 2, "in_flight": in_flight, "queued": 0, "models": models}
+
+
+async def test_a_node_known_from_its_reports_is_routed_to_and_probed_only_while_in_use() -> None:
+    discovery = ReportingDiscovery("http://10.0.0.1:8936")
+    pool = NodePool(discovery, GatewayMetrics(CollectorRegistry()))
+    discovery.reports = {"http://10.0.0.1:8936": report("loading")}
+    pool._sync()  # noqa: SLF001 - one turn of the background task, without its timing
+    node = pool.nodes["http://10.0.0.1:8936"]
+    assert not node.ready and node.next_probe == math.inf  # loading: its "ready" will be announced, not polled for
+    discovery.reports = {node.url: report("ready", in_flight=1)}  # one request from another gateway
+    pool._sync()  # noqa: SLF001
+    assert node.ready and node.free() == 1 and node.next_probe == math.inf  # routable, without a probe
+    assert pool.models_on_offer() == ["m/cold", "m/warm"]
+    taken = await pool.acquire("m/warm", set(), timeout_s=0)
+    assert taken is node and node.next_probe <= time.monotonic() + 1  # in use: probed every second
+    discovery.reports = {node.url: report("ready", in_flight=0)}
+    pool._sync()  # noqa: SLF001
+    assert node.free() == 0  # ours and the other: a report is older than what our probes of a node in use say
+    pool.release(node)
+    pool._apply(node, report("ready"), time.monotonic())  # noqa: SLF001 - the probe that follows
+    assert node.free() == 2 and node.next_probe == math.inf  # idle again: back to its reports
+
+
+def test_a_suspended_node_is_believed_again_only_when_a_probe_reaches_it() -> None:
+    discovery = ReportingDiscovery("http://10.0.0.1:8936")
+    pool = NodePool(discovery, GatewayMetrics(CollectorRegistry()))
+    discovery.reports = {"http://10.0.0.1:8936": report()}
+    pool._sync()  # noqa: SLF001
+    node = pool.nodes["http://10.0.0.1:8936"]
+    pool.failed(node, "connection refused")  # its registry says it is fine, but we could not reach it
+    discovery.reports = {node.url: report()}
+    pool._sync()  # noqa: SLF001
+    assert not node.ready and pool.select("m/warm", exclude=set()) is None
+    assert node.next_probe == node.suspended_until  # a probe at the end of the suspension decides
+
+
+def test_a_malformed_report_is_ignored() -> None:
+    discovery = ReportingDiscovery("http://10.0.0.1:8936")
+    pool = NodePool(discovery, GatewayMetrics(CollectorRegistry()))
+    discovery.reports = {"http://10.0.0.1:8936": {"status": "ready", "capacity": "lots", "models": []}}
+    pool._sync()  # noqa: SLF001
+    node = pool.nodes["http://10.0.0.1:8936"]
+    assert not node.ready and not node.reports and node.next_probe == 0.0  # probed, as a node without reports

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
 
 from discovery import Discovery, RegistrySettings, open_discovery, open_registrar
 from discovery.redis_registry import RedisDiscovery, RedisRegistry
-from metrics import GatewayMetrics
+from metrics import GatewayMetrics, OrchestratorMetrics
 
 from .services import RedisServer, make_ca
 
@@ -37,6 +39,9 @@ async def until(condition, timeout: float = 10.0) -> float:  # type: ignore[no-u
     raise AssertionError("condition not met in time")
 
 
+REPORT = {"status": "ready", "capacity": 1, "in_flight": 0, "queued": 0, "models": []}
+
+
 def urls(discovery: Discovery) -> set[str]:
     return {endpoint.url for endpoint in discovery.snapshot()}
 
@@ -54,12 +59,54 @@ async def test_joins_and_leaves_reach_a_gateway_at_once(redis_server: RedisServe
     try:
         assert await discovery.refresh() is False and discovery.snapshot() == ()
         await until(lambda: asyncio.sleep(0, discovery._connected))  # noqa: SLF001 - subscribed
-        await node.heartbeat()
+        await node.heartbeat(REPORT, changed=False)
         await until(lambda: sees(discovery, {"http://10.0.0.1:8936"}))
         await node.deregister()
         await until(lambda: sees(discovery, set()))
     finally:
         await node.close()
+        await discovery.close()
+
+
+async def test_reports_reach_a_gateway_and_a_changed_offer_is_announced_at_once(redis_server: RedisServer) -> None:
+    settings = RegistrySettings(redis_server.url)
+    discovery = RedisDiscovery(settings, full_read_s=3600)  # whatever reaches it came through the channel
+    registry = RedisRegistry(settings)
+    node = open_registrar(settings, "http://10.0.0.7:8936", heartbeat_ttl_s=30)
+    loading = REPORT | {"status": "loading"}
+
+    async def reported(expected: dict[str, object]) -> bool:
+        await discovery.refresh()
+        return discovery.take_reports().get("http://10.0.0.7:8936") == expected
+
+    try:
+        await until(lambda: asyncio.sleep(0, discovery._connected) if discovery._task else discovery.refresh())  # noqa: SLF001
+        await node.heartbeat(loading, changed=True)  # the join brings its report
+        await until(lambda: reported(loading))
+        await node.heartbeat(REPORT, changed=True)  # ready: announced
+        await until(lambda: reported(REPORT))
+        assert discovery.take_reports() == {}  # each report is handed over once
+        events = registry.client.pubsub(ignore_subscribe_messages=True)
+        await events.subscribe(registry.channel)
+        busy = REPORT | {"in_flight": 1}
+        await node.heartbeat(busy, changed=False)  # only its load moved: kept for the next full read, not announced
+        assert (await registry.read())[2] == {"http://10.0.0.7:8936": json.dumps(busy, separators=(",", ":"))}
+        await node.heartbeat(loading, changed=True)
+        await node.heartbeat(loading, changed=False)  # what comes after the announcement marks the end
+        await node.deregister()
+        announced: list[str] = []
+        for _ in range(10):  # until the leave; None is the subscription's confirmation, or a wait that ran out
+            message = await events.get_message(timeout=1)
+            announced += [message["data"]] if message else []
+            if announced and announced[-1].startswith("leave"):
+                break
+        assert announced == ["report http://10.0.0.7:8936", "leave http://10.0.0.7:8936"]  # the second heartbeat's only
+        await events.aclose()
+        await until(lambda: sees(discovery, set()))
+        assert (await registry.read())[2] == {}  # a leave takes the report with it
+    finally:
+        await node.close()
+        await registry.close()
         await discovery.close()
 
 
@@ -70,12 +117,12 @@ async def test_a_node_that_stops_heartbeating_expires_by_redis_clock(redis_serve
     try:
         await until(lambda: asyncio.sleep(0, discovery._connected) if discovery._task else discovery.refresh())  # noqa: SLF001
         joined = time.monotonic()
-        await node.heartbeat()
+        await node.heartbeat(REPORT, changed=False)
         await until(lambda: sees(discovery, {"http://10.0.0.2:8936"}))
         await until(lambda: sees(discovery, set()))  # no more heartbeats: gone once the TTL has passed
         assert time.monotonic() - joined >= 1.0
-        _, entries = await RedisRegistry(settings).read()
-        assert entries == {}  # and removed from Redis itself
+        _, entries, reports = await RedisRegistry(settings).read()
+        assert entries == {} and reports == {}  # and removed from Redis itself, its report too
     finally:
         await node.close()
         await discovery.close()
@@ -87,8 +134,8 @@ async def test_several_fleets_share_one_redis_by_prefix(redis_server: RedisServe
     blue_node = open_registrar(blue, "http://blue:1", heartbeat_ttl_s=30)
     green_node = open_registrar(green, "http://green:1", heartbeat_ttl_s=30)
     try:
-        await green_node.heartbeat()
-        await blue_node.heartbeat()
+        await green_node.heartbeat(REPORT, changed=False)
+        await blue_node.heartbeat(REPORT, changed=False)
         await until(lambda: sees(discovery, {"http://blue:1"}))
         await asyncio.sleep(0.2)
         assert urls(discovery) == {"http://blue:1"}
@@ -103,7 +150,7 @@ async def test_an_outage_keeps_the_last_known_set_and_a_restart_empty_loses_no_n
     discovery = open_discovery(settings, heartbeat_ttl_s=3.0, on_error=errors.append)
     node = open_registrar(settings, "http://10.0.0.3:8936", heartbeat_ttl_s=1.0)
     try:
-        await node.heartbeat()
+        await node.heartbeat(REPORT, changed=False)
         await until(lambda: sees(discovery, {"http://10.0.0.3:8936"}))
         redis_server.stop()
         await until(lambda: asyncio.sleep(0, bool(errors)))
@@ -117,7 +164,7 @@ async def test_an_outage_keeps_the_last_known_set_and_a_restart_empty_loses_no_n
         for _ in range(10):
             await discovery.refresh()
         assert urls(discovery) == {"http://10.0.0.3:8936"}  # kept for --heartbeat-ttl after the outage
-        await node.heartbeat()  # the node's next heartbeat puts it back
+        await node.heartbeat(REPORT, changed=False)  # the node's next heartbeat puts it back
         await until(lambda: sees(discovery, {"http://10.0.0.3:8936"}))
         assert len(errors) == 1
     finally:
@@ -171,7 +218,7 @@ def test_t2i_register_adds_lists_and_removes_in_redis(tmp_path: Path) -> None:
         assert t2i_register(*auth, "http://10.0.0.5:8936/").stdout == "registered http://10.0.0.5:8936\n"
         assert t2i_register(*auth, "--heartbeat", "--ttl", "60", "http://10.0.0.6:8936").returncode == 0
         listed = t2i_register("--registry", server.url, "--list", env={"T2I_REGISTRY_PASSWORD": "pw"}).stdout.splitlines()
-        assert listed[0] == "http://10.0.0.5:8936\tstatic" and listed[1].startswith("http://10.0.0.6:8936\texpires in 6")
+        assert listed[0] == "http://10.0.0.5:8936\tstatic\tno report" and listed[1].startswith("http://10.0.0.6:8936\texpires in 6")
         assert t2i_register(*auth, "--remove", "http://10.0.0.5:8936").stdout == "removed http://10.0.0.5:8936\n"
         missing = t2i_register(*auth, "--remove", "http://10.0.0.5:8936")
         assert missing.returncode == 1 and "is not in redis://127.0.0.1" in missing.stderr and "pw" not in missing.stderr
@@ -188,3 +235,46 @@ async def test_a_departed_node_takes_its_metric_series_along() -> None:
     metrics.forget_orchestrator("http://gone:1")
     assert metrics.registry.get_sample_value("t2i_gateway_attempts_total", {"orchestrator": "http://gone:1", "outcome": "ok"}) is None
     assert metrics.registry.get_sample_value("t2i_gateway_attempts_total", {"orchestrator": "http://stays:1", "outcome": "ok"}) == 1
+
+
+async def test_a_node_heartbeats_its_report_and_sends_a_changed_offer_within_a_second(
+    aiohttp_client: Any, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    from t2i_common.server import DRAIN
+    from t2i_orchestrator.app import create_app
+    from t2i_orchestrator.config import OrchestratorConfig
+
+    from .fakes import FakeEngine
+
+    settings = RegistrySettings(redis_server.url)
+    registry = RedisRegistry(settings)
+    engine = FakeEngine()
+    engine.gate.clear()  # its warm-up waits: the node stays "loading"
+    config = OrchestratorConfig(
+        storage_dir=tmp_path / "images", register=settings, advertise_url="http://10.1.2.3:8936", heartbeat_interval_s=60
+    )
+    app = create_app(config, engine=engine, metrics_=OrchestratorMetrics(CollectorRegistry()))
+    client = await aiohttp_client(app)
+
+    async def report() -> dict[str, Any] | None:
+        raw = (await registry.read())[2].get("http://10.1.2.3:8936")
+        return None if raw is None else json.loads(raw)  # type: ignore[no-any-return]
+
+    async def status_is(expected: str) -> bool:
+        return (await report() or {}).get("status") == expected
+
+    async def is_capabilities_but_load() -> bool:  # the load moves on; what it offers is sent within a second
+        capabilities = await (await client.get("/capabilities")).json()
+        return {**(await report() or {}), "in_flight": 0, "queued": 0} == {**capabilities, "in_flight": 0, "queued": 0}
+
+    try:
+        await until(is_capabilities_but_load, timeout=5)  # the report is /capabilities: the model loaded meanwhile
+        assert await status_is("loading")
+        engine.gate.set()
+        await until(lambda: status_is("ready"), timeout=5)  # long before the next heartbeat, 60 s away
+        app[DRAIN].draining = True
+        await until(lambda: status_is("draining"), timeout=5)
+    finally:
+        await client.close()
+    assert await report() is None  # left at shutdown, its report with it
+    await registry.close()
