@@ -3,10 +3,10 @@
 A background task (``NodePool.run``) follows discovery and probes nodes' ``/capabilities``: every
 second while a node has requests from us in flight (a hung node is noticed in seconds, not at the end
 of a generation timeout), and at the end of its suspension after a failure. A node whose registry
-passes on its reports (Redis) is otherwise known from those, and not probed: in a large fleet, every
-gateway probing every node is what costs. Any other node is also probed every ``probe_interval_s``
-when idle (less often in a large fleet: at most ``MAX_IDLE_PROBES_PER_S`` in all), and several times
-a second while it is loading.
+passes on its reports (Redis) is probed once more when it joins, to check that this gateway can reach
+it, and is otherwise known from its reports: in a large fleet, every gateway probing every node is
+what costs. Any other node is also probed every ``probe_interval_s`` when idle (less often in a large
+fleet: at most ``MAX_IDLE_PROBES_PER_S`` in all), and several times a second while it is loading.
 """
 
 from __future__ import annotations
@@ -36,6 +36,9 @@ DISCOVERY_REFRESH_S = 1.0
 DISCOVERY_TIMEOUT_S = 5.0
 MAX_SUSPENSION_S = 60.0
 SAMPLE = 8  # nodes drawn per selection in a large fleet
+# A fleet joining at once is probed this many at a time, not with a thousand connections opened at once
+# (beyond a default limit of 1,024 open files, and a peak of memory the process keeps).
+MAX_PROBES_AT_ONCE = 64
 MAX_IDLE_PROBES_PER_S = 50.0  # beyond 250 nodes (at the default 5 s), idle ones are probed less often than --probe-interval
 
 
@@ -63,6 +66,7 @@ class Node:
     latency_s: float | None = None  # moving average of successful requests
     next_probe: float = 0.0
     reports: bool = False  # its registry passes on its reports: probed only while in use or after a failure
+    reached: bool = False  # a probe of ours succeeded since it joined or last failed: its url, TLS and secret work from here
     # Set when the node is found down; attempts waiting on it give up at once and retry elsewhere.
     down: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -288,6 +292,7 @@ class NodePool:
         node.suspended_until = max(node.suspended_until, now + suspension)
         node.next_probe = node.suspended_until
         node.ready = False
+        node.reached = False
         node.last_error = reason
         self._stale = True
         logger.warning("orchestrator %s failed (%s); suspended for %.0f s", node.url, reason, suspension)
@@ -311,6 +316,8 @@ class NodePool:
                     self._sync()
                     next_discovery = now + DISCOVERY_REFRESH_S
                 for node in list(self.nodes.values()):
+                    if len(self._probing) >= MAX_PROBES_AT_ONCE:
+                        break  # the rest at the next turn
                     if node.next_probe <= now and node.url not in self._probing:
                         self._probing.add(node.url)
                         task = asyncio.create_task(self._probe(node))
@@ -354,17 +361,21 @@ class NodePool:
             logger.warning("orchestrator %s: ignoring its registry report: %s", node.url, exc)
             return
         node.reports = True
-        # A node in use is probed every second (fresher than a report); a suspended one is believed
-        # again only when a probe of ours reaches it.
-        if not (node.in_flight or node.suspended(now) or node.url in self._probing):
+        # Believed once a probe of ours has reached it (a node in Redis may still be one this gateway
+        # cannot reach, or whose certificate it does not trust); and not while it is in use, when our
+        # probes every second are fresher.
+        if node.reached and not node.in_flight:
             self._apply(node, capabilities, now)
 
     async def _probe(self, node: Node) -> None:
         assert self._session is not None
+        headers = self.auth_headers(node.url)
+        if node.reports and not node.reached:
+            # Only to check that it can be reached; its reports follow. Closed, so that a large fleet
+            # does not leave this gateway with a thousand idle connections.
+            headers["Connection"] = "close"
         try:
-            async with self._session.get(
-                f"{node.url}/capabilities", headers=self.auth_headers(node.url), timeout=self._probe_timeout
-            ) as response:
+            async with self._session.get(f"{node.url}/capabilities", headers=headers, timeout=self._probe_timeout) as response:
                 if response.status != 200:
                     raise ValueError(f"/capabilities answered {response.status}")
                 capabilities = _check_capabilities(await response.json(content_type=None))
@@ -382,6 +393,7 @@ class NodePool:
             return
         finally:
             self._probing.discard(node.url)
+        node.reached = True
         self._apply(node, capabilities, time.monotonic())
         if self._waiters:
             self._grant()  # it may have room again

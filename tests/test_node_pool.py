@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections import Counter
 from typing import Any
 
 import aiohttp
+from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from discovery import Endpoint, StaticDiscovery
 from metrics import GatewayMetrics
-from t2i_gateway.nodes import Node, NodePool
+from t2i_gateway.nodes import MAX_PROBES_AT_ONCE, Node, NodePool
 
 
 def pool_of(count: int, *, warm: str = "m/warm", cold: str = "m/cold", capacity: int = 4) -> NodePool:
@@ -139,20 +141,35 @@ def report(status: str = "ready", in_flight: int = 0) -> dict[str, Any]:
     return {"status": status, "capacity": 2, "in_flight": in_flight, "queued": 0, "models": models}
 
 
-async def test_a_node_known_from_its_reports_is_routed_to_and_probed_only_while_in_use() -> None:
-    discovery = ReportingDiscovery("http://10.0.0.1:8936")
+async def test_a_node_known_from_its_reports_is_probed_once_then_only_while_in_use(aiohttp_server: Any) -> None:
+    probes: list[str] = []
+
+    async def capabilities(request: web.Request) -> web.Response:  # a fake node
+        probes.append(request.headers.get("Connection", ""))
+        return web.json_response(report("loading"))
+
+    app = web.Application()
+    app.router.add_get("/capabilities", capabilities)
+    server = await aiohttp_server(app)
+    url = str(server.make_url("")).rstrip("/")
+    discovery = ReportingDiscovery(url)
     pool = NodePool(discovery, GatewayMetrics(CollectorRegistry()))
-    discovery.reports = {"http://10.0.0.1:8936": report("loading")}
+    discovery.reports = {url: report("ready")}
     pool._sync()  # noqa: SLF001 - one turn of the background task, without its timing
-    node = pool.nodes["http://10.0.0.1:8936"]
+    node = pool.nodes[url]
+    assert not node.ready and node.next_probe == 0.0  # not believed before this gateway has reached it
+    async with aiohttp.ClientSession() as session:
+        pool._session = session  # noqa: SLF001
+        await pool._probe(node)  # noqa: SLF001
+    assert probes == ["close"]  # reached, and its connection not kept: its reports follow
     assert not node.ready and node.next_probe == math.inf  # loading: its "ready" will be announced, not polled for
-    discovery.reports = {node.url: report("ready", in_flight=1)}  # one request from another gateway
+    discovery.reports = {url: report("ready", in_flight=1)}  # one request from another gateway
     pool._sync()  # noqa: SLF001
-    assert node.ready and node.free() == 1 and node.next_probe == math.inf  # routable, without a probe
+    assert node.ready and node.free() == 1 and node.next_probe == math.inf  # routable, without another probe
     assert pool.models_on_offer() == ["m/cold", "m/warm"]
     taken = await pool.acquire("m/warm", set(), timeout_s=0)
     assert taken is node and node.next_probe <= time.monotonic() + 1  # in use: probed every second
-    discovery.reports = {node.url: report("ready", in_flight=0)}
+    discovery.reports = {url: report("ready", in_flight=0)}
     pool._sync()  # noqa: SLF001
     assert node.free() == 0  # ours and the other: a report is older than what our probes of a node in use say
     pool.release(node)
@@ -163,14 +180,18 @@ async def test_a_node_known_from_its_reports_is_routed_to_and_probed_only_while_
 def test_a_suspended_node_is_believed_again_only_when_a_probe_reaches_it() -> None:
     discovery = ReportingDiscovery("http://10.0.0.1:8936")
     pool = NodePool(discovery, GatewayMetrics(CollectorRegistry()))
-    discovery.reports = {"http://10.0.0.1:8936": report()}
     pool._sync()  # noqa: SLF001
     node = pool.nodes["http://10.0.0.1:8936"]
+    node.reached = True  # as after a first probe
+    discovery.reports = {node.url: report()}
+    pool._sync()  # noqa: SLF001
+    assert node.ready
     pool.failed(node, "connection refused")  # its registry says it is fine, but we could not reach it
+    node.suspended_until = 0.0  # the suspension is over; the probe that ends it has not answered yet
     discovery.reports = {node.url: report()}
     pool._sync()  # noqa: SLF001
     assert not node.ready and pool.select("m/warm", exclude=set()) is None
-    assert node.next_probe == node.suspended_until  # a probe at the end of the suspension decides
+    assert node.next_probe < math.inf  # a probe decides
 
 
 def test_a_malformed_report_is_ignored() -> None:
@@ -180,3 +201,31 @@ def test_a_malformed_report_is_ignored() -> None:
     pool._sync()  # noqa: SLF001
     node = pool.nodes["http://10.0.0.1:8936"]
     assert not node.ready and not node.reports and node.next_probe == 0.0  # probed, as a node without reports
+
+
+async def test_a_fleet_joining_at_once_is_probed_a_bounded_number_at_a_time(aiohttp_server: Any) -> None:
+    waiting: list[str] = []
+    answer = asyncio.Event()
+
+    async def capabilities(request: web.Request) -> web.Response:  # a fake fleet: one server, a node per path
+        waiting.append(request.match_info["node"])
+        await answer.wait()
+        return web.json_response(report())
+
+    app = web.Application()
+    app.router.add_get("/{node}/capabilities", capabilities)
+    server = await aiohttp_server(app)
+    base = str(server.make_url("")).rstrip("/")
+    pool = NodePool(StaticDiscovery(Endpoint(f"{base}/n{i}") for i in range(3 * MAX_PROBES_AT_ONCE)), GatewayMetrics(CollectorRegistry()))
+    async with aiohttp.ClientSession() as session:
+        task = asyncio.create_task(pool.run(session))
+        while len(waiting) < MAX_PROBES_AT_ONCE:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)  # several turns of the pool's loop: no more are started meanwhile
+        assert len(waiting) == MAX_PROBES_AT_ONCE
+        answer.set()
+        while len(pool.healthy()) < len(pool.nodes):  # then the rest, in turn
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
