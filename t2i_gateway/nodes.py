@@ -115,6 +115,7 @@ class NodePool:
         # (not on every change of load), so that a request costs the same with 10 nodes or 1,000.
         self._stale = True
         self._offer: dict[str, tuple[list[Node], list[Node]]] = {}  # model -> (ready warm nodes, ready on-demand nodes)
+        self._largest: dict[str, tuple[int, ...]] = {}  # model -> the largest capacity in each of its tiers
         self._models_on_offer: list[str] = []
         self._default_model: str | None = None
         self._idle: dict[Node, None] = {}  # nodes with no request of ours now, in the order they went idle
@@ -135,12 +136,15 @@ class NodePool:
         for tier, nodes in enumerate(self._offer.get(model_id, ())):
             if len(nodes) > 2 * SAMPLE:
                 recent = [node for node in islice(reversed(self._idle), 2) if node.tiers.get(model_id) == tier]
-                node = _most_free(recent + random.choices(nodes, k=SAMPLE), exclude, now)
-                if node is not None:
-                    return node
-            node = _most_free(random.sample(nodes, len(nodes)), exclude, now)
-            if node is not None:
-                return node
+                for idle in recent:  # as free as the largest node of the tier can be: none drawn could beat it
+                    if 0 < self._largest[model_id][tier] <= idle.free() and _usable(idle, exclude, now):
+                        return idle
+                best = _most_free(recent + random.choices(nodes, k=SAMPLE), exclude, now)
+                if best is not None:
+                    return best
+            best = _most_free(random.sample(nodes, len(nodes)), exclude, now)
+            if best is not None:
+                return best
         return None
 
     # -- slots --------------------------------------------------------------------------------
@@ -231,6 +235,9 @@ class NodePool:
                 for model_id, tier in node.tiers.items():
                     offer.setdefault(model_id, ([], []))[tier].append(node)
         self._offer = offer
+        self._largest = {
+            model_id: tuple(max((node.capacity for node in nodes), default=0) for nodes in tiers) for model_id, tiers in offer.items()
+        }
         self._models_on_offer = sorted({model_id for node in self.nodes.values() for model_id in node.tiers})
         # The default when a request names no model: warm on the most ready nodes, else offered by the most.
         warm = Counter({model_id: len(tiers[0]) for model_id, tiers in offer.items() if tiers[0]})
@@ -401,7 +408,9 @@ class NodePool:
     def _apply(self, node: Node, capabilities: dict[str, Any], now: float) -> None:
         """What a probe or a report says of ``node``; when to probe it next."""
         node.capabilities = capabilities
-        node.capacity = int(capabilities["capacity"])
+        if node.capacity != int(capabilities["capacity"]):
+            node.capacity = int(capabilities["capacity"])
+            self._stale = True  # the largest capacity on offer may have changed
         node.reported_busy = int(capabilities["in_flight"]) + int(capabilities["queued"])
         node.in_flight_at_probe = node.in_flight
         tiers = {m["model_id"]: 0 if m["warm"] or m["loaded"] else 1 for m in capabilities["models"]}
@@ -480,11 +489,15 @@ def _most_free(nodes: list[Node], exclude: set[str], now: float) -> Node | None:
     """The node with the most free capacity that can take a request now (the first of equals: callers order them)."""
     best, best_free = None, 0
     for node in nodes:
-        if node.ready and now >= node.suspended_until and not (exclude and node.url in exclude):
+        if _usable(node, exclude, now):
             free = node.free()
             if free > best_free:
                 best, best_free = node, free
     return best
+
+
+def _usable(node: Node, exclude: set[str], now: float) -> bool:
+    return node.ready and now >= node.suspended_until and not (exclude and node.url in exclude)
 
 
 def retry_after_s(nodes: list[Node]) -> int:

@@ -10,6 +10,7 @@ from collections import Counter
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
@@ -78,6 +79,21 @@ async def test_a_node_that_went_idle_last_still_loses_to_a_freer_one() -> None:
     assert pool.select("m/warm", exclude=set()) is recent
     recent.reported_busy = 1  # another gateway's request, seen by a probe: 3 free against 4 elsewhere
     assert all(pool.select("m/warm", exclude=set()) is not recent for _ in range(50))
+
+
+async def test_an_idle_node_as_free_as_any_can_be_is_taken_without_drawing_others(monkeypatch: pytest.MonkeyPatch) -> None:
+    pool = pool_of(1000)
+    recent = await pool.acquire("m/warm", set(), timeout_s=0)
+    assert recent is not None
+    pool.release(recent)
+
+    def no_draws(*args: object, **kwargs: object) -> None:
+        raise AssertionError("drew nodes at random")
+
+    monkeypatch.setattr("t2i_gateway.nodes.random.choices", no_draws)
+    assert pool.select("m/warm", exclude=set()) is recent  # none drawn could be freer: not drawn at all
+    with pytest.raises(AssertionError, match="drew"):  # excluded (a retry): the others are drawn from
+        pool.select("m/warm", exclude={recent.url})
 
 
 class GatedDiscovery:
