@@ -129,7 +129,8 @@ class NodePool:
         (the "power of d choices": nearly as even a spread, at a cost that does not grow with the fleet),
         where ties go to one of the nodes that went idle last: its connection is open (over TLS, a
         handshake saved), so that a light load on a large fleet keeps to a few nodes instead of
-        touching all of them. Only when none of those can take the request are all of them looked at.
+        touching all of them; such a node is taken without drawing when none could be freer. Only when
+        none of those can take the request are all of them looked at.
         """
         self._reindex()
         now = time.monotonic()
