@@ -104,7 +104,7 @@ def in_process_times(cache: Path, threads: int, repeats: int, warmup: int) -> di
                 [image] = engine.generate(request, MODEL, SEED, lambda: False)
                 if index >= warmup:
                     samples.append(time.perf_counter() - started)
-                assert image.png.startswith(b"\x89PNG")
+                assert image.picture.size == (size, size)
             times[(size, steps)] = samples
         return times
 

@@ -265,7 +265,7 @@ async def _generate(request: web.Request, job: TextToImageRequest, model_id: str
     started = time.monotonic()
     images = await app[DEVICE].generate(Generation(job, model_id, seed), notify=notify)
     app[METRICS].images.labels(model_id).inc(len(images))
-    image_id, names = await app[STORE].save([image.png for image in images])
+    image_id, names = await app[STORE].save([image.picture for image in images])
     logger.info(
         "request %s: %s %dx%d x%d seed %d prompt %s: %d images in %.2f s",
         request.headers.get("X-Request-ID", "-"),

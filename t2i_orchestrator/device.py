@@ -1,8 +1,9 @@
 """The node's one device thread and the queue in front of it, where compatible requests are batched.
 
-All model work (loading, inference, PNG encoding) runs on a single dedicated thread per device:
-never on the event loop, never in the default executor (which aiohttp's DNS resolver shares), and
-never two calls at once on one pipeline (diffusers schedulers are not thread-safe).
+All model work (loading, inference) runs on a single dedicated thread per device: never on the event
+loop, never in the default executor (which aiohttp's DNS resolver shares), and never two calls at
+once on one pipeline (diffusers schedulers are not thread-safe). PNG encoding is the store's, beside
+this thread, so that the device starts the next job meanwhile.
 
 Requests wait in an explicit queue with one consumer. When the device frees up, the consumer takes
 the first waiting job and, where the ``BatchPolicy`` says that batching pays on this device, the

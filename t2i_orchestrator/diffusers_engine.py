@@ -5,7 +5,6 @@ Importing this module imports torch and diffusers (seconds); the gateway never d
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import re
@@ -224,7 +223,7 @@ class DiffusersEngine:
             nsfw = self._safety_flags(model, images) if check_safety else [False] * len(images)
         results, start = [], 0
         for generation, n in zip(generations, counts):
-            results.append([GeneratedImage(_encode_png(images[start + i]), generation.seed + i, nsfw[start + i]) for i in range(n)])
+            results.append([GeneratedImage(images[start + i], generation.seed + i, nsfw[start + i]) for i in range(n)])
             start += n
         return results
 
@@ -365,9 +364,3 @@ def _restore_vae_dtype(pipe: Any) -> None:
 
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
-def _encode_png(image: Any) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()

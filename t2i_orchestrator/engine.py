@@ -7,15 +7,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from t2i_common.errors import InternalError
 from t2i_common.schemas import TextToImageRequest
 
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
 
 @dataclass(frozen=True, slots=True)
 class GeneratedImage:
-    png: bytes
+    picture: Image  # encoded as PNG by the node's store, off the device thread: the device moves on meanwhile
     seed: int
     nsfw: bool
 
@@ -74,7 +77,7 @@ class InferenceEngine(Protocol):
         should_stop: Callable[[], bool],
         on_step: Callable[[int, int], None] | None = None,
     ) -> list[GeneratedImage]:
-        """Generate ``request.num_images_per_prompt`` PNGs, image i with seed ``seed + i``.
+        """Generate ``request.num_images_per_prompt`` pictures (PIL images), image i with seed ``seed + i``.
 
         ``on_step(i, n)`` is called (on the device thread) after each of the n denoising steps. Raises ``GenerationCancelled`` once ``should_stop()`` turns true, ``OutOfMemory`` when the
         device runs out of memory, and other ``APIError``s for problems the client can act on.

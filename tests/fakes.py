@@ -80,7 +80,9 @@ class FakeEngine:
                 self.stopped.set()
                 raise GenerationCancelled()
         n = request.num_images_per_prompt
-        return [GeneratedImage(solid_png(request.width, request.height, seed + i), seed + i, False) for i in range(n)]
+        return [
+            GeneratedImage(Image.new("RGB", (request.width, request.height), ((seed + i) % 256, 0, 0)), seed + i, False) for i in range(n)
+        ]
 
     def batch_key(self, generation: Generation) -> Hashable | None:
         request = generation.request

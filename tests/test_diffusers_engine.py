@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import io
 from pathlib import Path
 from typing import Any
 
@@ -44,44 +43,40 @@ def generate(engine: Any, seed: int = 42, model_id: str = DEMO_MODEL_ID, **field
     return engine.generate(request, model_id, seed, never)
 
 
-def pixels(png: bytes) -> Image.Image:
-    return Image.open(io.BytesIO(png)).convert("RGB")
-
-
-def largest_difference(a: bytes, b: bytes) -> int:
-    """The largest difference of any channel of any pixel of two PNGs, 0 to 255."""
-    extrema: Any = ImageChops.difference(pixels(a), pixels(b)).getextrema()  # one (low, high) per channel
+def largest_difference(a: Image.Image, b: Image.Image) -> int:
+    """The largest difference of any channel of any pixel of two pictures, 0 to 255."""
+    extrema: Any = ImageChops.difference(a.convert("RGB"), b.convert("RGB")).getextrema()  # one (low, high) per channel
     return max(high for _, high in extrema)
 
 
-def test_demo_model_generates_a_png_of_the_requested_size(engine: Any) -> None:
+def test_demo_model_generates_a_picture_of_the_requested_size(engine: Any) -> None:
     [image] = generate(engine, width=256, height=192)
-    picture = Image.open(io.BytesIO(image.png))
-    assert picture.format == "PNG" and picture.size == (256, 192)
+    picture = image.picture
+    assert picture.mode == "RGB" and picture.size == (256, 192)
     assert image.seed == 42 and image.nsfw is False
     assert len(picture.convert("L").getcolors(maxcolors=256) or []) > 10  # a real picture, not a blank
 
 
-def test_same_seed_same_bytes_and_another_seed_another_image(engine: Any) -> None:
-    assert generate(engine, seed=5)[0].png == generate(engine, seed=5)[0].png
-    assert generate(engine, seed=5)[0].png != generate(engine, seed=6)[0].png
+def test_same_seed_same_pixels_and_another_seed_another_image(engine: Any) -> None:
+    assert generate(engine, seed=5)[0].picture == generate(engine, seed=5)[0].picture
+    assert generate(engine, seed=5)[0].picture != generate(engine, seed=6)[0].picture
 
 
 def test_two_images_per_prompt_have_seeds_s_and_s_plus_1(engine: Any) -> None:
     first, second = generate(engine, seed=9, num_images_per_prompt=2)
     assert (first.seed, second.seed) == (9, 10)
-    assert first.png != second.png
+    assert first.picture != second.picture
     # Image i depends on seed + i only: the second image is the first image of a request with seed 10.
     [alone] = generate(engine, seed=10)
-    assert largest_difference(second.png, alone.png) <= 2
+    assert largest_difference(second.picture, alone.picture) <= 2
 
 
 def test_lora_changes_the_image_for_that_request_only(engine: Any, lora_dir: Path) -> None:
-    base = generate(engine, seed=3)[0].png
-    styled = generate(engine, seed=3, loras=((str(lora_dir / "tiny-style"), 1.0),))[0].png
+    base = generate(engine, seed=3)[0].picture
+    styled = generate(engine, seed=3, loras=((str(lora_dir / "tiny-style"), 1.0),))[0].picture
     assert styled != base
     assert largest_difference(base, styled) > 10
-    assert generate(engine, seed=3)[0].png == base
+    assert generate(engine, seed=3)[0].picture == base
 
 
 def test_a_lora_that_does_not_fit_the_model_is_a_400_and_the_engine_still_works(engine: Any, tmp_path: Path) -> None:
@@ -89,7 +84,7 @@ def test_a_lora_that_does_not_fit_the_model_is_a_400_and_the_engine_still_works(
     (tmp_path / "broken" / "pytorch_lora_weights.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(BadRequest, match="'broken' could not be loaded"):
         generate(engine, loras=((str(tmp_path / "broken"), 1.0),))
-    assert generate(engine, seed=3)[0].png == generate(engine, seed=3)[0].png
+    assert generate(engine, seed=3)[0].picture == generate(engine, seed=3)[0].picture
 
 
 def test_a_batch_makes_each_request_its_own_images_nearly_as_alone(engine: Any) -> None:
@@ -105,8 +100,8 @@ def test_a_batch_makes_each_request_its_own_images_nearly_as_alone(engine: Any) 
         alone = engine.generate_batch([generation], never)[0]
         for together, by_itself in zip(images, alone):
             # The same seed gives the same picture; batched arithmetic may differ in the last bit.
-            assert largest_difference(together.png, by_itself.png) <= 2
-    assert batched[0][0].png != batched[2][0].png
+            assert largest_difference(together.picture, by_itself.picture) <= 2
+    assert batched[0][0].picture != batched[2][0].picture
 
 
 def test_least_recently_used_on_demand_model_is_evicted(engine: Any) -> None:
@@ -123,7 +118,7 @@ def test_least_recently_used_on_demand_model_is_evicted(engine: Any) -> None:
 def test_safety_checker_flags_without_blacking_out(engine: Any) -> None:
     flagged = generate(engine, model_id="tiny/nsfw", num_images_per_prompt=2)
     assert [image.nsfw for image in flagged] == [True, True]
-    assert pixels(flagged[0].png).getbbox() is not None  # not an all-black image
+    assert flagged[0].picture.getbbox() is not None  # not an all-black image
     unchecked = generate(engine, model_id="tiny/nsfw", safety_check=False)
     assert unchecked[0].nsfw is False
     assert generate(engine)[0].nsfw is False
@@ -177,7 +172,7 @@ def test_out_of_memory_is_a_500_and_the_engine_keeps_serving(engine: Any, monkey
         generate(engine)
     assert caught.value.status == 500
     monkeypatch.setattr(model, "pipe", real_pipe)
-    assert generate(engine)[0].png.startswith(b"\x89PNG")
+    assert generate(engine)[0].picture.size == (64, 64)
 
 
 def test_a_vae_left_upcast_by_an_out_of_memory_decode_is_put_back(engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -197,10 +192,10 @@ def test_a_vae_left_upcast_by_an_out_of_memory_decode_is_put_back(engine: Any, m
         generate(engine)
     monkeypatch.undo()
     assert vae.dtype == torch.float32
-    assert generate(engine)[0].png.startswith(b"\x89PNG")
+    assert generate(engine)[0].picture.size == (64, 64)
 
 
 @pytest.mark.parametrize("prompt", ["\x00\x1b[31m\u202e", "😀 un chat sur la plage, 猫", "word " * 400])
 def test_any_prompt_text_generates(engine: Any, prompt: str) -> None:
     [image] = generate(engine, prompt=prompt, negative_prompt=prompt)
-    assert image.png.startswith(b"\x89PNG")
+    assert image.picture.size == (64, 64)

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from t2i_common.config import ConfigError
 from t2i_orchestrator.config import load_config
@@ -206,8 +207,8 @@ def test_safety_checker_and_lora_settings() -> None:
 
 async def test_sweeper_removes_only_expired_image_folders(tmp_path: Path) -> None:
     store = ImageStore(tmp_path, ttl_s=60)
-    old_id, _ = await store.save([b"old"])
-    young_id, [young_name] = await store.save([b"young"])
+    old_id, _ = await store.save([Image.new("RGB", (1, 1))])
+    young_id, [young_name] = await store.save([Image.new("RGB", (1, 1))])
     (tmp_path / "not-ours").mkdir()
     long_ago = time.time() - 120
     for path in [tmp_path / old_id, *(tmp_path / old_id).iterdir(), tmp_path / "not-ours"]:
@@ -215,7 +216,9 @@ async def test_sweeper_removes_only_expired_image_folders(tmp_path: Path) -> Non
     assert await store.sweep() == 1
     assert not (tmp_path / old_id).exists()
     assert (tmp_path / "not-ours").exists()
-    assert await store.find(young_id, young_name) == tmp_path / young_id / f"{young_name}.png"
+    found = await store.find(young_id, young_name)
+    assert found == tmp_path / young_id / f"{young_name}.png" and found.read_bytes().startswith(b"\x89PNG")  # encoded as PNG
+    assert [path.name for path in (tmp_path / young_id).iterdir()] == [f"{young_name}.png"]  # no partial file left
 
 
 def test_secrets_come_from_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
