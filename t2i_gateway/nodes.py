@@ -391,8 +391,9 @@ class NodePool:
             reason = f"probe: {str(exc) or type(exc).__name__}"
             if self.nodes.get(node.url) is not node:
                 return
-            if node.capabilities is None:
-                # Never seen up: probably still starting. Keep asking often, without suspending it.
+            if node.capabilities is None and not node.reports:
+                # Never seen up: probably still starting. Keep asking often, without suspending it. (A
+                # node whose reports arrive is up: if we cannot reach it, we back off as from a failure.)
                 node.last_error = reason
                 node.next_probe = time.monotonic() + NOT_READY_PROBE_S
                 return

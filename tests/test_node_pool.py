@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import socket
 import time
 from collections import Counter
 from typing import Any
@@ -191,6 +192,22 @@ async def test_a_node_known_from_its_reports_is_probed_once_then_only_while_in_u
     pool.release(node)
     pool._apply(node, report("ready"), time.monotonic())  # noqa: SLF001 - the probe that follows
     assert node.free() == 2 and node.next_probe == math.inf  # idle again: back to its reports
+
+
+async def test_a_reporting_node_this_gateway_cannot_reach_is_suspended_not_probed_four_times_a_second() -> None:
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    discovery = ReportingDiscovery(url)
+    pool = NodePool(discovery, GatewayMetrics(CollectorRegistry()))
+    discovery.reports = {url: report()}  # its registry says it is up
+    pool._sync()  # noqa: SLF001
+    node = pool.nodes[url]
+    async with aiohttp.ClientSession() as session:
+        pool._session = session  # noqa: SLF001
+        await pool._probe(node)  # noqa: SLF001
+    assert not node.ready and node.suspended(time.monotonic()) and node.failures == 1
+    assert node.next_probe == node.suspended_until and "probe" in (node.last_error or "")
 
 
 def test_a_suspended_node_is_believed_again_only_when_a_probe_reaches_it() -> None:
