@@ -463,6 +463,7 @@ class NodePool:
                     "free": node.free() if node.capabilities else None,
                     "in_flight": node.in_flight,
                     "latency_s": None if node.latency_s is None else round(node.latency_s, 3),
+                    "known_by": "reports" if node.reports else "probes",  # while idle: its registry reports, or our probes
                 }
             )
         return view

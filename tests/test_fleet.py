@@ -127,6 +127,9 @@ async def _requests_served(session: aiohttp.ClientSession, node: Daemon) -> floa
 
 async def test_both_gateways_spread_over_every_node_and_serve_each_others_images(fleet: Fleet) -> None:
     async with aiohttp.ClientSession() as session:
+        for gateway in fleet.gateways:  # known from the reports the nodes' heartbeats carry, not from idle probes
+            async with session.get(f"{gateway.url}/orchestrators") as response:
+                assert {node["known_by"] for node in (await response.json())["orchestrators"]} == {"reports"}
         before = [await _requests_served(session, node) for node in fleet.nodes]
         async with Load(fleet.gateways, concurrency=6) as load:
             while len(load.statuses) < 30:
