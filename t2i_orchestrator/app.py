@@ -306,7 +306,7 @@ def capabilities_report(app: web.Application) -> dict[str, Any]:
         "node_id": config.node_id,
         "version": __version__,
         "device": engine.device,
-        "status": "draining" if app[DRAIN].draining else app[READINESS].status,
+        "status": _status(app),
         "capacity": device.capacity,
         "in_flight": device.running,
         "queued": device.waiting,
@@ -325,12 +325,17 @@ def capabilities_report(app: web.Application) -> dict[str, Any]:
 
 async def health(request: web.Request) -> web.Response:
     readiness = request.app[READINESS]
-    status = "draining" if request.app[DRAIN].draining else readiness.status
+    status = _status(request.app)
     body = {"status": status} | ({"detail": {"msg": readiness.error}} if readiness.error else {})
     return web.json_response(body, status=200 if status == "ready" else 503)
 
 
 # -- helpers -----------------------------------------------------------------------------------
+
+
+def _status(app: web.Application) -> str:
+    """loading, ready or error (``Readiness``), or draining once shutdown has begun."""
+    return "draining" if app[DRAIN].draining else app[READINESS].status
 
 
 def _resolve_model(config: OrchestratorConfig, model_id: str) -> str:

@@ -17,9 +17,13 @@ from t2i_common.sse import encode
 from t2i_orchestrator.engine import GeneratedImage, Generation, GenerationCancelled
 
 
+def solid_picture(width: int, height: int, shade: int) -> Image.Image:
+    return Image.new("RGB", (width, height), (shade % 256, 0, 0))
+
+
 def solid_png(width: int, height: int, shade: int) -> bytes:
     buffer = io.BytesIO()
-    Image.new("RGB", (width, height), (shade % 256, 0, 0)).save(buffer, format="PNG")
+    solid_picture(width, height, shade).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
@@ -80,9 +84,7 @@ class FakeEngine:
                 self.stopped.set()
                 raise GenerationCancelled()
         n = request.num_images_per_prompt
-        return [
-            GeneratedImage(Image.new("RGB", (request.width, request.height), ((seed + i) % 256, 0, 0)), seed + i, False) for i in range(n)
-        ]
+        return [GeneratedImage(solid_picture(request.width, request.height, seed + i), seed + i, False) for i in range(n)]
 
     def batch_key(self, generation: Generation) -> Hashable | None:
         request = generation.request
