@@ -80,12 +80,17 @@ class ServiceUnavailable(APIError):
         super().__init__(message, headers={"Retry-After": str(retry_after)})
 
 
+def join_problems(problems: Sequence[tuple[str, str]]) -> str:
+    """``field: message`` pairs as one sentence: "width: Must be ..., got 100; height: Must be ..., got 90."."""
+    return "; ".join(f"{field}: {msg.rstrip('.')}" for field, msg in problems) + "."
+
+
 class InvalidFields(APIError):
     status = 422
 
     def __init__(self, problems: Sequence[tuple[str, str, str]]) -> None:
         """``problems`` holds one ``(field, message, type)`` per offending field."""
-        super().__init__("; ".join(f"{field}: {msg}" for field, msg, _ in problems))
+        super().__init__(join_problems([(field, msg) for field, msg, _ in problems]))
         self.problems = list(problems)
 
     def body(self) -> dict[str, Any]:

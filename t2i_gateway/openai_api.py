@@ -109,9 +109,22 @@ class OpenAIRequests:
         livepeer |= {name: data[name] for name in LIVEPEER_EXTRAS if name in data}  # as sent: checked with the rest below
         try:
             return validate_request(livepeer, self._livepeer_schema), body["response_format"]
-        except InvalidFields as error:  # named as OpenAI names the field, where it has one
-            renamed = {"width": "size", "height": "size", "num_images_per_prompt": "n", "model_id": "model"}
-            raise InvalidFields([(renamed.get(f, f), m, k) for f, m, k in error.problems]) from None
+        except InvalidFields as error:
+            raise InvalidFields(_as_openai_names(error.problems)) from None
+
+
+def _as_openai_names(problems: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+    """Problems named as OpenAI names the field, where it has one; both sides of ``size`` in one message."""
+    renamed = {"num_images_per_prompt": "n", "model_id": "model"}
+    messages: dict[str, list[str]] = {}
+    kinds: dict[str, str] = {}
+    for field, message, kind in problems:
+        if field in ("width", "height"):  # "The width must be a multiple of 8, got 500."
+            field, message = "size", f"The {field} {message[:1].lower()}{message[1:]}"
+        field = renamed.get(field, field)
+        messages.setdefault(field, []).append(message)
+        kinds.setdefault(field, kind)
+    return [(field, " ".join(messages[field]), kinds[field]) for field in messages]
 
 
 def _first(messages: Any) -> str:

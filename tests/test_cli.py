@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 from .fakes import FakeOrchestrator
 from .helpers import MakeGateway
 
@@ -83,11 +85,59 @@ async def test_models_and_nodes(make_gateway: MakeGateway, tmp_path: Path) -> No
 
 
 def test_global_options_are_taken_before_or_after_the_subcommand() -> None:
-    from t2i_cli.__main__ import parser
+    from t2i_cli.__main__ import parse_args
 
-    after = parser().parse_args(["generate", "a cat", "--gateway", "http://host:8935", "--api-key", "k"])
-    before = parser().parse_args(["--gateway", "http://host:8935", "--api-key", "k", "generate", "a cat"])
+    after = parse_args(["generate", "a cat", "--gateway", "http://host:8935", "--api-key", "k"])
+    before = parse_args(["--gateway", "http://host:8935", "--api-key", "k", "generate", "a cat"])
     for args in (after, before):
         assert (args.gateway, args.api_key, args.prompt) == ("http://host:8935", "k", "a cat")
-    assert parser().parse_args(["models", "--gateway", "http://other:1"]).gateway == "http://other:1"
-    assert parser().parse_args(["nodes"]).gateway  # the default (or T2I_GATEWAY_URL) when given nowhere
+    assert parse_args(["models", "--gateway", "http://other:1"]).gateway == "http://other:1"
+    assert parse_args(["nodes"]).gateway  # the default (or T2I_GATEWAY_URL) when given nowhere
+
+
+def test_a_gateway_without_a_scheme_is_taken_as_http_as_curl_does(capsys: pytest.CaptureFixture[str]) -> None:
+    from t2i_cli.__main__ import parse_args
+
+    assert parse_args(["--gateway", "127.0.0.1:8935", "models"]).gateway == "http://127.0.0.1:8935"
+    assert parse_args(["nodes", "--gateway", "https://gw.example/"]).gateway == "https://gw.example"
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(["--gateway", "ftp://gw", "models"])
+    assert exit_.value.code == 2 and "'ftp://gw' is not a gateway URL such as http://127.0.0.1:8935" in capsys.readouterr().err
+
+
+def test_a_misspelt_option_shows_the_subcommands_usage_and_the_closest_option(capsys: pytest.CaptureFixture[str]) -> None:
+    from t2i_cli.__main__ import parse_args
+
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(["generate", "a dog", "--widht", "512"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert err.startswith("usage: t2i generate ") and "unrecognized arguments: --widht 512 (did you mean --width?)" in err
+
+
+def test_generate_help_gives_the_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    from t2i_cli.__main__ import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["generate", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "(default: image.png;" in help_text and help_text.count("(default: 512)") == 2 and "(default: 1)" in help_text
+
+
+async def test_an_output_that_cannot_be_written_is_refused_before_generating(make_gateway: MakeGateway, tmp_path: Path) -> None:
+    fake = FakeOrchestrator()
+    gateway = await make_gateway(fake)
+    url = str(gateway.client.make_url("")).rstrip("/")
+    code, _, err = await t2i(url, "generate", "a dog", "-o", "/nonexistent/dir/x.png", cwd=tmp_path)
+    assert code == 1 and err.strip() == "t2i: cannot write /nonexistent/dir/x.png: the folder /nonexistent/dir does not exist"
+    code, _, err = await t2i(url, "generate", "a dog", "-o", str(tmp_path), cwd=tmp_path)
+    assert code == 1 and f"cannot write {tmp_path}: it is a folder" in err
+    assert fake.requests == []  # nothing was generated for an image that could not be saved
+
+
+async def test_progress_off_a_terminal_is_plain_lines(make_gateway: MakeGateway, tmp_path: Path) -> None:
+    gateway = await make_gateway(FakeOrchestrator())
+    url = str(gateway.client.make_url("")).rstrip("/")
+    code, _, err = await t2i(url, "generate", "a dog", "--steps", "2", "--width", "64", "--height", "64", cwd=tmp_path)
+    assert code == 0 and "\r" not in err and "\x1b" not in err
+    assert [line for line in err.splitlines() if line.startswith("step")] == ["step 1/2", "step 2/2"]

@@ -445,3 +445,19 @@ async def test_openai_requests_are_checked_and_answered_in_openais_shape(make_ga
     assert models == {"object": "list", "data": [{"id": "m/warm", "object": "model", "created": 0, "owned_by": "t2i"}]}
     livepeer = await gateway.client.post("/text-to-image", json={"prompt": "a", "width": 65}, headers=auth)
     assert livepeer.status == 422 and "detail" in await livepeer.json()  # the Livepeer API keeps its own shape
+
+
+async def test_both_sides_of_a_wrong_size_are_named_once(make_gateway: MakeGateway) -> None:
+    gateway = await make_gateway(FakeOrchestrator())
+    response = await gateway.client.post("/v1/images/generations", json={"prompt": "a cat", "size": "500x500"})
+    error = (await response.json())["error"]
+    assert response.status == 400 and error["param"] == "size"
+    assert error["message"] == "size: The width must be a multiple of 8, got 500. The height must be a multiple of 8, got 500."
+    response = await gateway.post({"prompt": "a", "width": 100, "height": 90})
+    livepeer = await response.json()
+    assert [problem["loc"] for problem in livepeer["detail"]] == [["body", "width"], ["body", "height"]]
+    # The messages joined into one sentence (the OpenAI shape, the CLI), never ".;".
+    from t2i_common.errors import InvalidFields
+
+    joined = InvalidFields([(p["loc"][1], p["msg"], p["type"]) for p in livepeer["detail"]]).message
+    assert joined == "width: Must be a multiple of 8, got 100; height: Must be a multiple of 8, got 90."

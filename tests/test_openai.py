@@ -68,7 +68,7 @@ def test_models_are_listed(client: openai.OpenAI) -> None:
 def test_an_invalid_size_is_a_bad_request_with_the_gateways_message(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
         client.images.generate(prompt="a cat", size="65x64")
-    assert caught.value.status_code == 400 and "Must be a multiple of 8, got 65" in caught.value.message
+    assert caught.value.status_code == 400 and "The width must be a multiple of 8, got 65." in caught.value.message
     assert caught.value.param == "size"
     with pytest.raises(openai.BadRequestError, match="Only 'png' is served here"):
         client.images.generate(prompt="a cat", size="64x64", output_format="jpeg")  # type: ignore[arg-type]

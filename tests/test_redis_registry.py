@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
 import time
@@ -216,9 +217,14 @@ def test_t2i_register_adds_lists_and_removes_in_redis(tmp_path: Path) -> None:
         (tmp_path / "password").write_text("pw\n")
         auth = ["--registry", server.url, "--registry-password-file", str(tmp_path / "password")]
         assert t2i_register(*auth, "http://10.0.0.5:8936/").stdout == "registered http://10.0.0.5:8936\n"
+        before_heartbeat = time.monotonic()
         assert t2i_register(*auth, "--heartbeat", "--ttl", "60", "http://10.0.0.6:8936").returncode == 0
         listed = t2i_register("--registry", server.url, "--list", env={"T2I_REGISTRY_PASSWORD": "pw"}).stdout.splitlines()
-        assert listed[0] == "http://10.0.0.5:8936\tstatic\tno report" and listed[1].startswith("http://10.0.0.6:8936\texpires in 6")
+        since_heartbeat = time.monotonic() - before_heartbeat
+        assert listed[0] == "http://10.0.0.5:8936\tstatic\tno report"
+        expiring = re.fullmatch(r"http://10\.0\.0\.6:8936\texpires in (\d+)s\tno report", listed[1])
+        # 60 s from the heartbeat, less however long the two commands took, rounded to the second.
+        assert expiring and round(60 - since_heartbeat) <= int(expiring[1]) <= 60, listed[1]
         assert t2i_register(*auth, "--remove", "http://10.0.0.5:8936").stdout == "removed http://10.0.0.5:8936\n"
         missing = t2i_register(*auth, "--remove", "http://10.0.0.5:8936")
         assert missing.returncode == 1 and "is not in redis://127.0.0.1" in missing.stderr and "pw" not in missing.stderr
