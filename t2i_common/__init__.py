@@ -4,3 +4,7 @@ Nothing here imports torch or diffusers, so the gateway can use it without the o
 """
 
 __version__ = "0.1.0"
+
+# The built-in demo model (t2i_orchestrator.demo_model builds it): named here so that the gateway's
+# playground can say what it is without importing the orchestrator.
+DEMO_MODEL_ID = "t2i/tiny-sd"

@@ -8,6 +8,7 @@ requests in flight finish.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
 import socket
@@ -91,6 +92,34 @@ def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
     return context
 
 
+def listening_sockets(host: str, port: int) -> list[socket.socket]:
+    """Bind ``host:port`` (each address the name stands for, as aiohttp would) before anything starts.
+
+    A daemon binds first, so that a port in use is one line at start, with nothing started yet (no
+    child node, no model load), rather than a traceback after them.
+    """
+    try:
+        addresses = {info[4]: info[0] for info in socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)}
+    except OSError as exc:
+        raise ConfigError(f"--host {host}: {exc.strerror}") from None
+    sockets: list[socket.socket] = []
+    try:
+        for address, family in addresses.items():
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and len(addresses) > 1:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # its IPv4 twin is bound on its own
+            sock.bind(address)
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError(f"{host}:{port} is already in use (is another instance running?); stop it or choose another --port") from None
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    return sockets
+
+
 def inherited_socket(fd: int) -> socket.socket:
     """The listening socket a parent process passed as file descriptor ``fd`` (``--listen-fd``)."""
     try:
@@ -105,16 +134,14 @@ def inherited_socket(fd: int) -> socket.socket:
 
 async def serve(
     app: web.Application,
+    sockets: list[socket.socket],
     *,
-    host: str,
-    port: int,
     grace_s: float,
     ssl_context: ssl.SSLContext | None = None,
-    sock: socket.socket | None = None,
+    hello: str = "",
 ) -> str | None:
-    """Serve until SIGTERM or SIGINT, then drain for up to ``grace_s`` seconds and clean up.
-
-    With ``sock`` (a socket bound by a parent process), serve on it instead of binding ``host:port``.
+    """Serve on ``sockets`` (bound by ``listening_sockets`` or a parent process) until SIGTERM or SIGINT,
+    then drain for up to ``grace_s`` seconds and clean up. ``hello`` is logged once listening.
 
     Returns None after a clean stop, or the failure that stopped the daemon (see ``Stop.fail``).
     """
@@ -127,12 +154,11 @@ async def serve(
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=0.5)
     await runner.setup()
     try:
-        if sock is not None:
+        for sock in sockets:
             await web.SockSite(runner, sock, ssl_context=ssl_context).start()
-            host, port = sock.getsockname()[:2]
-        else:
-            await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
-        logger.info("listening on %s://%s:%d", "https" if ssl_context else "http", host, port)
+            logger.info("listening on %s", base_url(sock, ssl_context))
+        if hello:
+            logger.info("%s", hello)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.requested.set)
@@ -143,3 +169,10 @@ async def serve(
         await runner.cleanup()
     logger.info("stopped")
     return stop.failure
+
+
+def base_url(sock: socket.socket, ssl_context: ssl.SSLContext | None) -> str:
+    """The URL a browser on this machine would use for ``sock`` (a wildcard address becomes loopback)."""
+    host, port = sock.getsockname()[:2]
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"{'https' if ssl_context else 'http'}://{f'[{host}]' if ':' in host else host}:{port}"

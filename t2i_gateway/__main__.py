@@ -13,7 +13,7 @@ from discovery import CombinedDiscovery, Discovery, Endpoint, StaticDiscovery, o
 from metrics import GatewayMetrics
 from t2i_common import logs
 from t2i_common.config import ConfigError
-from t2i_common.server import serve, tls_context
+from t2i_common.server import base_url, listening_sockets, serve, tls_context
 
 from .app import create_app
 from .config import GatewayConfig, load_config
@@ -45,10 +45,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         config = load_config(argv)
         logs.configure(config.log_level)
         ssl_context = tls_context(config.tls_cert, config.tls_key) if config.tls_cert and config.tls_key else None
+        sockets = listening_sockets(config.host, config.port)  # first: a port in use starts nothing
         app = build_app(config)
     except ConfigError as exc:
         sys.exit(f"t2i-gateway: {exc}")
-    asyncio.run(serve(app, host=config.host, port=config.port, grace_s=config.shutdown_grace_s, ssl_context=ssl_context))
+    url = base_url(sockets[0], ssl_context)
+    hello = f"the playground: {url}/ in a browser; the API: POST {url}/text-to-image, {url}/v1/images/generations"
+    if config.local_orchestrator:
+        hello += "; the local orchestrator is loading its model (GET /health answers 200 once it is ready)"
+    asyncio.run(serve(app, sockets, grace_s=config.shutdown_grace_s, ssl_context=ssl_context, hello=hello))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from marshmallow import Schema
 import metrics
 from discovery import Discovery
 from metrics import GatewayMetrics
+from t2i_common import DEMO_MODEL_ID
 from t2i_common.errors import (
     APIError,
     BadGateway,
@@ -59,7 +60,7 @@ OPENAPI = web.AppKey("openapi", dict)
 
 STREAM_CHUNK = 64 * 1024
 # Read once, when the module is imported: never a file read on the event loop.
-PLAYGROUND_HTML = (Path(__file__).parent / "playground.html").read_text()
+PLAYGROUND_HTML = (Path(__file__).parent / "playground.html").read_text().replace("__DEMO_MODEL_ID__", DEMO_MODEL_ID)
 PLAYGROUND = web.AppKey("playground", str)
 OPENAI = web.AppKey("openai", openai_api.OpenAIRequests)
 

@@ -39,7 +39,7 @@ class LocalOrchestrator:
         async def run(app: web.Application) -> AsyncIterator[None]:
             env = {**os.environ, "T2I_ORCHESTRATOR_SECRET": self.endpoint.secret or ""}
             fd = self._sock.fileno()
-            # --port too, though not bound: the node's default image folder is named by it.
+            # --port too, though not bound: the node names itself by it (--node-id, <hostname>:<port>).
             self._process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "t2i_orchestrator", "--port", str(self.port), "--listen-fd", str(fd), pass_fds=(fd,), env=env
             )

@@ -12,7 +12,7 @@ from aiohttp import web
 
 from t2i_common import logs
 from t2i_common.config import ConfigError
-from t2i_common.server import inherited_socket, serve, tls_context
+from t2i_common.server import inherited_socket, listening_sockets, serve, tls_context
 
 from .config import OrchestratorConfig, load_config
 
@@ -42,14 +42,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         config = load_config(argv)
         logs.configure(config.log_level)
         ssl_context = tls_context(config.tls_cert, config.tls_key) if config.tls_cert and config.tls_key else None
-        sock = inherited_socket(config.listen_fd) if config.listen_fd is not None else None
+        if config.listen_fd is not None:
+            sockets = [inherited_socket(config.listen_fd)]
+        else:
+            sockets = listening_sockets(config.host, config.port)
         app = build_app(config)
     except ConfigError as exc:
         sys.exit(f"t2i-orchestrator: {exc}")
     logger.info("serving %s", ", ".join(m.model_id for m in config.models))
-    failure = asyncio.run(
-        serve(app, host=config.host, port=config.port, grace_s=config.shutdown_grace_s, ssl_context=ssl_context, sock=sock)
-    )
+    failure = asyncio.run(serve(app, sockets, grace_s=config.shutdown_grace_s, ssl_context=ssl_context))
     if failure:
         sys.exit(f"t2i-orchestrator: {failure}")
 

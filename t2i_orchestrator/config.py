@@ -43,7 +43,12 @@ OPTIONS = (
     Option("models", "models file (JSON list in the shape of Livepeer's aiModels.json)", type=Path),
     Option("model", f"a warm model id (repeatable); with neither this nor --models: {DEMO_MODEL_ID}", repeat=True),
     Option("device", "auto, cpu, cuda or cuda:N", default="auto"),
-    Option("storage-dir", "folder for generated images (default: <cache-dir>/images/<port>)", type=Path),
+    Option(
+        "storage-dir",
+        "folder for generated images (default: <cache-dir>/images; nodes on one machine may share it, as their ids are random, "
+        "if they share --image-ttl too)",
+        type=Path,
+    ),
     Option("image-ttl", "seconds an image stays downloadable", type=positive(float), default=3600.0),
     Option("max-queue", "requests that may wait for the device; beyond: 503 with Retry-After", type=int, default=8),
     Option(
@@ -95,7 +100,7 @@ class OrchestratorConfig:
     port: int = 8936
     listen_fd: int | None = None
     device: str = "auto"
-    storage_dir: Path = field(default_factory=lambda: default_cache_dir() / "images" / "8936")
+    storage_dir: Path = field(default_factory=lambda: default_cache_dir() / "images")
     image_ttl_s: float = 3600.0
     max_queue: int = 8
     max_batch: int = 8
@@ -155,7 +160,9 @@ def load_config(argv: Sequence[str] | None = None) -> OrchestratorConfig:
         port=values["port"],
         listen_fd=values["listen_fd"],
         device=values["device"],
-        storage_dir=values["storage_dir"] or cache_dir / "images" / str(values["port"]),
+        # Not named by anything that changes between runs (the port of an embedded node does), so that
+        # every run sweeps what earlier runs left.
+        storage_dir=values["storage_dir"] or cache_dir / "images",
         image_ttl_s=values["image_ttl"],
         max_queue=values["max_queue"],
         max_batch=values["max_batch"],

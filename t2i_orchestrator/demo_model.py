@@ -16,7 +16,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-DEMO_MODEL_ID = "t2i/tiny-sd"
+from t2i_common import DEMO_MODEL_ID
+
+__all__ = ["DEMO_MODEL_ID", "ensure_demo_model"]
 # Bump when the recipe below changes, so that stale cached builds are not reused.
 _RECIPE_VERSION = "1"
 

@@ -2,11 +2,13 @@
 
 Layout: ``<root>/<id>/<name>.png`` where ``id`` (one per request) and ``name`` (one per image) are
 random hex strings. Because images live on disk, they survive a restart of the node until they expire.
+Earlier versions wrote to ``<root>/<port>/<id>/``: the sweep empties and removes those folders too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -72,14 +74,19 @@ class ImageStore:
         """Delete the folders of requests older than the TTL; returns how many were deleted."""
         return await asyncio.to_thread(self._sweep)
 
-    def _sweep(self) -> int:
+    def _sweep(self, folder: Path | None = None) -> int:
         deadline = time.time() - self.ttl_s
         removed = 0
         try:
-            entries = list(os.scandir(self.root))
+            entries = list(os.scandir(folder or self.root))
         except FileNotFoundError:
             return 0
         for entry in entries:
+            if folder is None and entry.name.isdigit() and entry.is_dir(follow_symlinks=False):
+                removed += self._sweep(Path(entry.path))  # an earlier version's per-port folder
+                with contextlib.suppress(OSError):
+                    os.rmdir(entry.path)  # only once empty
+                continue
             if not (_IMAGE_ID.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False)):
                 continue  # not ours: never delete what this store did not write
             try:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import ssl
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -49,8 +52,29 @@ def test_local_orchestrator_answers_the_seed_request(tmp_path: Path, model_cache
         [png] = tmp_path.glob("*.png")
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert png.read_bytes()[16:24] == (1024).to_bytes(4, "big") * 2  # IHDR width and height
+        assert f"the playground: {gateway.url}/ in a browser" in gateway.log.read_text()  # the log says where to go
     finally:
         assert gateway.stop() == 0
+
+
+@pytest.mark.parametrize("module", ["t2i_gateway", "t2i_orchestrator"])
+def test_a_port_in_use_is_one_line_and_starts_nothing(tmp_path: Path, module: str) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        args = ["--local-orchestrator"] if module == "t2i_gateway" else []
+        run = subprocess.run(
+            [sys.executable, "-m", module, *args, "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "T2I_ORCHESTRATOR_CACHE_DIR": str(tmp_path)},
+        )
+    assert run.returncode == 1 and run.stdout == ""
+    assert (
+        run.stderr
+        == f"{module.replace('_', '-')}: 127.0.0.1:{port} is already in use (is another instance running?); stop it or choose another --port\n"
+    )
+    assert not list(tmp_path.iterdir())  # no node started, no model built
 
 
 def test_tls_serves_https(tmp_path: Path) -> None:

@@ -31,7 +31,8 @@ def test_command_line_beats_environment_beats_config_file(tmp_path: Path, monkey
     monkeypatch.setenv("T2I_ORCHESTRATOR_MAX_QUEUE", "5")
     config = load_config(["--config", str(config_file), "--port", "9003"])
     assert (config.port, config.max_queue, config.image_ttl_s, config.device) == (9003, 5, 60.0, "cpu")
-    assert config.storage_dir.name == "9003"
+    # One folder whatever the port (an embedded node's changes every run), so every run sweeps it.
+    assert config.storage_dir == load_config(["--port", "9004"]).storage_dir == config.cache_dir / "images"
 
 
 def test_repeated_model_flags_are_warm_models(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -277,3 +278,17 @@ def test_listen_fd_must_be_an_open_tcp_socket(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--listen-fd 12345: not an open socket"):
         inherited_socket(12345)
     assert load_config(["--listen-fd", "7", "--port", "9001"]).listen_fd == 7
+
+
+async def test_the_sweep_empties_and_removes_an_earlier_versions_per_port_folders(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path, ttl_s=60)
+    legacy = ImageStore(tmp_path / "41234", ttl_s=60)  # where an earlier version's node on port 41234 wrote
+    old_id, _ = await legacy.save([Image.new("RGB", (1, 1))])
+    young_id, _ = await ImageStore(tmp_path / "41235", ttl_s=60).save([Image.new("RGB", (1, 1))])
+    (tmp_path / "41236" / "not-ours").mkdir(parents=True)
+    long_ago = time.time() - 120
+    for path in [tmp_path / "41234" / old_id, *(tmp_path / "41234" / old_id).iterdir()]:
+        os.utime(path, (long_ago, long_ago))
+    assert await store.sweep() == 1
+    assert not (tmp_path / "41234").exists()  # emptied, then removed
+    assert (tmp_path / "41235" / young_id).is_dir() and (tmp_path / "41236" / "not-ours").is_dir()

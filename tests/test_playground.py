@@ -60,6 +60,8 @@ async def page(gateway: Daemon):  # type: ignore[no-untyped-def]
 
 async def test_prompt_click_progress_image(page, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     await page.wait_for_selector("#model option[value='t2i/tiny-sd']", state="attached")
+    # The demo model is on offer: the page says that its noise is by design.
+    assert await page.is_visible("#demo-note") and "draws coloured noise by design" in await page.text_content("#demo-note")
     await page.fill("#prompt", "a cool cat on the beach")
     await page.fill("#width", "256")
     await page.fill("#height", "256")
@@ -73,6 +75,8 @@ async def test_prompt_click_progress_image(page, tmp_path: Path) -> None:  # typ
     await page.wait_for_function("() => document.querySelector('#images img').naturalWidth === 256", timeout=30_000)
     assert await page.text_content("#status") == "Done."
     assert "seed 42" in await page.text_content("#images figcaption")
+    src = await image.get_attribute("src")
+    assert src and await page.get_attribute("#images figure a", "href") == src  # the thumbnail links to the full image
     statuses = await page.evaluate("window.statuses")
     steps = [s for s in statuses if s.startswith("Step ")]
     assert "Step 30 of 30" in steps and len(steps) >= 3, statuses  # the bar moved through the steps
@@ -80,6 +84,17 @@ async def test_prompt_click_progress_image(page, tmp_path: Path) -> None:  # typ
     screenshot = tmp_path / "playground.png"
     await page.screenshot(path=str(screenshot), full_page=True)
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+async def test_the_page_has_an_icon_that_a_browser_can_draw(page) -> None:  # type: ignore[no-untyped-def]
+    # Headless chromium asks for no favicon, so the page's own icon is drawn here as a tab would.
+    size = await page.evaluate("""async () => {
+        const image = new Image();
+        image.src = document.querySelector("link[rel=icon]").href;
+        await image.decode();
+        return [image.naturalWidth, image.naturalHeight];
+    }""")
+    assert size[0] > 0 and size[1] > 0
 
 
 async def test_errors_are_shown(page) -> None:  # type: ignore[no-untyped-def]
