@@ -57,6 +57,13 @@ class NotFound(APIError):
     status = 404
 
 
+class RequestTimeout(APIError):
+    status = 408
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"Connection": "close"})  # what is left of the body is not read
+
+
 class UnsupportedMediaType(APIError):
     status = 415
 

@@ -30,7 +30,9 @@ from t2i_common.errors import (
     BadGateway,
     BadRequest,
     GatewayTimeout,
+    Handler,
     NotFound,
+    RequestTimeout,
     ServiceUnavailable,
     Unauthorized,
     error_middleware_for,
@@ -63,16 +65,19 @@ STREAM_CHUNK = 64 * 1024
 PLAYGROUND_HTML = (Path(__file__).parent / "playground.html").read_text().replace("__DEMO_MODEL_ID__", DEMO_MODEL_ID)
 PLAYGROUND = web.AppKey("playground", str)
 OPENAI = web.AppKey("openai", openai_api.OpenAIRequests)
+GENERATION_PATHS = frozenset({"/text-to-image", "/text-to-image/", "/v1/images/generations"})
+KEYED_PATHS = GENERATION_PATHS | {"/v1/models"}
 
 
 def create_app(
     config: GatewayConfig, *, discovery: Discovery, stream_secret: bytes, metrics_: GatewayMetrics | None = None
 ) -> web.Application:
     """Build the gateway; ``discovery`` says where the orchestrators are."""
-    drain = Drain(paths=frozenset({"/text-to-image", "/text-to-image/", "/v1/images/generations"}))
+    drain = Drain(paths=GENERATION_PATHS)
     # Each API's errors in its own shape: OpenAI's under /v1/, Livepeer's elsewhere.
     errors = error_middleware_for(lambda request: openai_api.render_error if request.path.startswith(openai_api.PREFIX) else error_response)
-    app = web.Application(middlewares=[errors, drain.middleware])
+    # The key before the drain: a request without one never counts as in flight.
+    app = web.Application(middlewares=[errors, api_key_middleware, drain.middleware])
     app[DRAIN] = drain
     app[CONFIG] = config
     app[METRICS] = metrics_ or GatewayMetrics()
@@ -175,10 +180,19 @@ class Job:
 async def admit(request: web.Request, parse: Callable[[dict[str, Any]], TextToImageRequest]) -> tuple[Job, str]:
     """Everything that can refuse a request before any node is tried, for either API; the job and its model.
 
-    ``parse`` turns the decoded body into the Livepeer request (raising the API's 4xx errors)."""
+    The API key was checked from the headers already (``api_key_middleware``). ``parse`` turns the
+    decoded body into the Livepeer request (raising the API's 4xx errors)."""
     app = request.app
+    config = app[CONFIG]
     try:
-        return _admit(request, parse, await request.read())
+        if app[DRAIN].in_flight > config.max_in_flight:  # this request is counted already
+            raise ServiceUnavailable(f"The gateway is handling {config.max_in_flight} requests already; retry shortly.", retry_after=1)
+        try:
+            async with asyncio.timeout(config.body_timeout_s):
+                body = await request.read()
+        except TimeoutError:
+            raise RequestTimeout(f"The request body did not arrive within {config.body_timeout_s:g} s; send it at once.") from None
+        return _admit(request, parse, body)
     except APIError as error:
         # Refused before any attempt: counted too (the error-ratio alert needs these).
         app[METRICS].requests.labels(str(error.status), "other").inc()
@@ -188,9 +202,6 @@ async def admit(request: web.Request, parse: Callable[[dict[str, Any]], TextToIm
 def _admit(request: web.Request, parse: Callable[[dict[str, Any]], TextToImageRequest], body: bytes) -> tuple[Job, str]:
     app = request.app
     config, pool = app[CONFIG], app[POOL]
-    if app[DRAIN].in_flight > config.max_in_flight:  # this request is counted already
-        raise ServiceUnavailable(f"The gateway is handling {config.max_in_flight} requests already; retry shortly.", retry_after=1)
-    _check_api_key(config, request)
     job = parse(decode_body(body, request.headers.get("Content-Type")))  # decoded once: validated, then forwarded
     model_id = job.model_id or config.default_model or pool.default_model()
     if not model_id:
@@ -342,7 +353,6 @@ async def openai_generations(request: web.Request) -> web.Response:
 
 
 async def openai_models(request: web.Request) -> web.Response:
-    _check_api_key(request.app[CONFIG], request)
     return web.json_response(openai_api.models_body(request.app[POOL].models_on_offer()))
 
 
@@ -425,10 +435,18 @@ async def openapi(request: web.Request) -> web.Response:
     return web.json_response(request.app[OPENAPI])
 
 
-def _check_api_key(config: GatewayConfig, request: web.Request) -> None:
-    if not config.api_keys:
-        return
-    header = request.headers.get("Authorization", "")
-    scheme, _, key = header.partition(" ")
-    if scheme.lower() != "bearer" or not any(hmac.compare_digest(key.encode(), k.encode()) for k in config.api_keys):
+@web.middleware
+async def api_key_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The API key, from the headers alone: a request without a valid one is refused before its body is
+    read or the drain counts it, so that anonymous slow senders take no slot from real clients."""
+    config = request.app[CONFIG]
+    if config.api_keys and request.path in KEYED_PATHS and not _has_valid_key(config, request):
+        if request.path in GENERATION_PATHS:
+            request.app[METRICS].requests.labels("401", "other").inc()  # refused before any attempt: counted
         raise Unauthorized("A valid API key is required: send 'Authorization: Bearer <key>'.")
+    return await handler(request)
+
+
+def _has_valid_key(config: GatewayConfig, request: web.Request) -> bool:
+    scheme, _, key = request.headers.get("Authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and any(hmac.compare_digest(key.encode(), k.encode()) for k in config.api_keys)

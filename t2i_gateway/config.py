@@ -51,6 +51,12 @@ OPTIONS = (
     Option("image-ttl", "seconds a returned image URL stays valid", type=positive(float), default=3600.0),
     Option("max-in-flight", "text-to-image requests handled at once; beyond, 503 at once", type=positive(int), default=256),
     Option(
+        "body-timeout",
+        "seconds a request's body may take to arrive, once its headers have; beyond, 408 (a slow sender holds no slot for long)",
+        type=positive(float),
+        default=10.0,
+    ),
+    Option(
         "max-queued",
         "requests that may wait at the gateway, in arrival order, for a slot when every suitable node is full; "
         "beyond, 503 at once; 0: never wait",
@@ -93,6 +99,7 @@ class GatewayConfig:
     stream_secret: str | None = None
     image_ttl_s: float = 3600.0
     max_in_flight: int = 256
+    body_timeout_s: float = 10.0
     max_queued: int = 64
     queue_timeout_s: float = 30.0
     max_attempts: int = 3
@@ -152,6 +159,7 @@ def load_config(argv: Sequence[str] | None = None) -> GatewayConfig:
         stream_secret=read_secret(values, "stream-secret"),
         image_ttl_s=values["image_ttl"],
         max_in_flight=values["max_in_flight"],
+        body_timeout_s=values["body_timeout"],
         max_queued=values["max_queued"],
         queue_timeout_s=values["queue_timeout"],
         max_attempts=values["max_attempts"],

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 from discovery import Endpoint, StaticDiscovery
 from metrics import GatewayMetrics
 from t2i_common.sse import read_events
+from t2i_common.server import DRAIN
 from t2i_gateway.app import POOL, create_app
 from t2i_gateway.config import GatewayConfig
 
@@ -205,6 +206,31 @@ async def test_api_keys_are_enforced(make_gateway: MakeGateway) -> None:
         assert response.status == 401
         assert "API key" in (await response.json())["detail"]["msg"]
     assert (await gateway.post(headers={"Authorization": "Bearer key-2"})).status == 200
+
+
+async def test_slow_bodies_without_a_key_take_no_slot_and_a_slow_body_gets_408(make_gateway: MakeGateway) -> None:
+    gateway = await make_gateway(FakeOrchestrator(), api_keys=frozenset({"k"}), max_in_flight=2, body_timeout_s=0.5)
+    host, port = gateway.client.host, gateway.client.port
+    # Headers that declare a large body, then one byte of it, and nothing more.
+    head = "POST /text-to-image HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n{}\r\n{{"
+    connections = [await asyncio.open_connection(host, port) for _ in range(16)]
+    for _, writer in connections:
+        writer.write(head.format("").encode())
+    for reader, _ in connections:  # each refused from its headers alone, its body never awaited
+        assert (await reader.readline()).startswith(b"HTTP/1.1 401 ")
+    assert gateway.client.app[DRAIN].in_flight == 0
+    assert (await gateway.post(headers={"Authorization": "Bearer k"})).status == 200  # the slots are all free
+    # A key holder's body that never finishes: 408 after --body-timeout, and the connection is not kept.
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(head.format("Authorization: Bearer k\r\n").encode())
+    answer = (await reader.readuntil(b"\r\n\r\n")).decode().lower()
+    assert answer.startswith("http/1.1 408 ") and "connection: close" in answer
+    length = int(answer.split("content-length: ")[1].split("\r\n")[0])
+    assert b"did not arrive within 0.5 s" in await reader.readexactly(length)
+    assert gateway.client.app[DRAIN].in_flight == 0
+    for _, writer in [*connections, (reader, writer)]:
+        writer.close()
+    assert gateway.metrics.registry.get_sample_value("t2i_gateway_requests_total", {"status": "401", "model": "other"}) == 16
 
 
 async def test_the_orchestrator_secret_and_request_id_are_sent(make_gateway: MakeGateway) -> None:
