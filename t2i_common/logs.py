@@ -21,4 +21,5 @@ def prompt_for_log(prompt: str, full: bool) -> str:
     """Prompts are the users' words: by default only their length and a hash reach the log."""
     if full:
         return repr(prompt)
-    return f"sha256:{hashlib.sha256(prompt.encode()).hexdigest()[:12]}/len:{len(prompt)}"
+    # surrogatepass: JSON admits lone surrogates ("\ud800"), which strict UTF-8 cannot encode.
+    return f"sha256:{hashlib.sha256(prompt.encode('utf-8', 'surrogatepass')).hexdigest()[:12]}/len:{len(prompt)}"

@@ -201,6 +201,8 @@ def _parse_loras(text: str, limits: Limits) -> tuple[tuple[str, float], ...]:
     for lora_id, weight in loras.items():
         if not lora_id.strip() or len(lora_id) > 256:
             raise ValueError("LoRA ids must be non-empty and at most 256 characters.")
+        if not lora_id.isprintable():
+            raise ValueError(f"LoRA id {lora_id!r} holds a control character; LoRA ids are names or repo ids such as 'repo/id'.")
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
             raise ValueError(f"The weight of {lora_id!r} must be a number, got {weight!r}.")
         if not 0 <= weight <= limits.max_lora_weight:

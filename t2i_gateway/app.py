@@ -88,6 +88,7 @@ def create_app(
         probe_interval_s=config.probe_interval_s,
         probe_timeout_s=config.probe_timeout_s,
         max_queued=config.max_queued,
+        max_suspended_share=config.max_suspended_share,
     )
     app[SIGNER] = StreamSigner(stream_secret, config.image_ttl_s)
     app[SCHEMA] = build_request_schema(config.limits)
@@ -265,6 +266,7 @@ async def _generate(
     deadline = time.monotonic() + config.request_timeout_s
     tried: set[str] = set()
     last: AttemptResult | None = None
+    out_of_memory = 0  # attempts a node could not hold
     while trace.attempts < config.max_attempts:
         # Every suitable node full: wait for the first free slot, in arrival order (--queue-timeout).
         wait_s = min(config.queue_timeout_s, deadline - time.monotonic())
@@ -307,9 +309,15 @@ async def _generate(
             raise _Refused(last.status, last.body)
         if last.outcome == "busy":
             pool.busy(node)
+        elif last.outcome == "no_memory":
+            out_of_memory += 1
         else:
-            pool.failed(node, last.reason)
+            pool.failed(node, last.reason, unreachable=last.unreachable)
     retry_after = retry_after_s(pool.healthy())
+    if out_of_memory and out_of_memory == trace.attempts:
+        raise BadRequest(
+            f"No orchestrator tried ({out_of_memory}) has the device memory for this request; ask for fewer or smaller images."
+        )
     if last is None:
         raise ServiceUnavailable(
             f"Every orchestrator that serves {model_id!r} is busy, suspended or down; retry later.", retry_after=retry_after

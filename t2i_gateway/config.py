@@ -66,6 +66,13 @@ OPTIONS = (
     Option("queue-timeout", "seconds a request waits for a free slot before its 503", type=positive(float), default=30.0),
     Option("max-attempts", "orchestrators tried per request", type=positive(int), default=3),
     Option(
+        "max-suspended-share",
+        "at most this share of the nodes serving a model is suspended for failed requests (a node whose probe fails is "
+        "suspended whatever the share)",
+        type=float,
+        default=0.5,
+    ),
+    Option(
         "request-timeout", "overall deadline of a request, generation and retries included (seconds)", type=positive(float), default=300.0
     ),
     Option("connect-timeout", "seconds to connect to an orchestrator", type=positive(float), default=2.0),
@@ -103,6 +110,7 @@ class GatewayConfig:
     max_queued: int = 64
     queue_timeout_s: float = 30.0
     max_attempts: int = 3
+    max_suspended_share: float = 0.5
     request_timeout_s: float = 300.0
     connect_timeout_s: float = 2.0
     probe_interval_s: float = 5.0
@@ -143,6 +151,8 @@ def load_config(argv: Sequence[str] | None = None) -> GatewayConfig:
         raise ConfigError(f"--orchestrator-ca: {values['orchestrator_ca']} is not a file")
     if values["max_queued"] < 0:
         raise ConfigError(f"--max-queued must be 0 or more, got {values['max_queued']}")
+    if not 0 <= values["max_suspended_share"] <= 1:
+        raise ConfigError(f"--max-suspended-share must be between 0 and 1, got {values['max_suspended_share']}")
     if bool(values["tls_cert"]) != bool(values["tls_key"]):
         raise ConfigError("--tls-cert and --tls-key go together")
     return GatewayConfig(
@@ -161,6 +171,7 @@ def load_config(argv: Sequence[str] | None = None) -> GatewayConfig:
         max_in_flight=values["max_in_flight"],
         body_timeout_s=values["body_timeout"],
         max_queued=values["max_queued"],
+        max_suspended_share=values["max_suspended_share"],
         queue_timeout_s=values["queue_timeout"],
         max_attempts=values["max_attempts"],
         request_timeout_s=values["request_timeout"],

@@ -35,6 +35,9 @@ BUSY_PROBE_S = 1.0
 DISCOVERY_REFRESH_S = 1.0
 DISCOVERY_TIMEOUT_S = 5.0
 MAX_SUSPENSION_S = 60.0
+# A node that fails requests while its probes pass is suspended after this many failures in a row (as
+# Envoy's outlier detection, consecutive_5xx): one request, which may be built to fail, never suspends it.
+FAILURES_TO_SUSPEND = 5
 SAMPLE = 8  # nodes drawn per selection in a large fleet
 # A fleet joining at once is probed this many at a time, not with a thousand connections opened at once
 # (beyond a default limit of 1,024 open files, and a peak of memory the process keeps).
@@ -58,7 +61,8 @@ class Node:
     capacity: int = 0  # as it advertised at the last probe
     ready: bool = False
     suspended_until: float = 0.0
-    failures: int = 0  # consecutive; sets the length of the next suspension
+    failures: int = 0  # requests failed in a row
+    suspensions: int = 0  # in a row, without a request served between: sets the length of the next
     last_error: str | None = None
     in_flight: int = 0  # our requests to it now
     reported_busy: int = 0  # in_flight + queued, as it said at the last probe
@@ -96,9 +100,11 @@ class NodePool:
         probe_interval_s: float = 5.0,
         probe_timeout_s: float = 3.0,
         max_queued: int = 0,
+        max_suspended_share: float = 0.5,
     ) -> None:
         self.discovery = discovery
         self.max_queued = max_queued
+        self._max_suspended_share = max_suspended_share
         self._waiters: deque[_Waiter] = deque()  # requests waiting for a free slot, in arrival order
         self.nodes: dict[str, Node] = {}
         self._metrics = metrics
@@ -281,7 +287,7 @@ class NodePool:
     # -- outcomes of requests -----------------------------------------------------------------
 
     def succeeded(self, node: Node, seconds: float) -> None:
-        node.failures = 0
+        node.failures = node.suspensions = 0
         node.latency_s = seconds if node.latency_s is None else 0.8 * node.latency_s + 0.2 * seconds
 
     def busy(self, node: Node) -> None:
@@ -290,13 +296,41 @@ class NodePool:
         node.in_flight_at_probe = node.in_flight
         node.next_probe = min(node.next_probe, time.monotonic() + NOT_READY_PROBE_S)
 
-    def failed(self, node: Node, reason: str) -> None:
-        """Suspend it with exponential backoff; it is re-admitted by a successful probe afterwards."""
+    def failed(self, node: Node, reason: str, *, unreachable: bool = False) -> None:
+        """A request failed on it (never for the request's own fault, which is a client error).
+
+        It is probed at once, and a failed probe suspends it. Without one, it is suspended only when it
+        could not be reached at all (``unreachable``) or after ``FAILURES_TO_SUSPEND`` failures in a
+        row, and never beyond --max-suspended-share of the nodes serving one of its models: requests
+        made to fail cannot take a fleet out of rotation (Envoy's max_ejection_percent).
+        """
+        node.failures += 1
+        node.last_error = reason
+        if not (unreachable or node.failures >= FAILURES_TO_SUSPEND):
+            node.next_probe = min(node.next_probe, time.monotonic())
+            return
+        if not self._may_suspend(node):
+            logger.warning("orchestrator %s failed (%s); not suspended: --max-suspended-share of its models' nodes are", node.url, reason)
+            node.next_probe = min(node.next_probe, time.monotonic())
+            return
+        self._suspend(node, reason)
+
+    def _may_suspend(self, node: Node) -> bool:
+        now = time.monotonic()
+        for model_id in node.tiers:
+            serving = [other for other in self.nodes.values() if model_id in other.tiers]
+            suspended = sum(1 for other in serving if other.suspended(now))
+            if suspended + 1 > self._max_suspended_share * len(serving):
+                return False
+        return True
+
+    def _suspend(self, node: Node, reason: str) -> None:
+        """Out of rotation with exponential backoff; a successful probe afterwards re-admits it."""
         now = time.monotonic()
         if node.suspended(now):
             return  # the same episode, reported by another request or the prober: counted once
-        node.failures += 1
-        suspension = min(MAX_SUSPENSION_S, 2.0 ** (node.failures - 1))
+        node.suspensions += 1
+        suspension = min(MAX_SUSPENSION_S, 2.0 ** (node.suspensions - 1))
         node.suspended_until = max(node.suspended_until, now + suspension)
         node.next_probe = node.suspended_until
         node.ready = False
@@ -397,7 +431,7 @@ class NodePool:
                 node.last_error = reason
                 node.next_probe = time.monotonic() + NOT_READY_PROBE_S
                 return
-            self.failed(node, reason)
+            self._suspend(node, reason)  # a failed probe is proof enough, however many others are suspended
             node.down.set()  # the node itself is unwell: stop waiting on it
             return
         finally:

@@ -1,12 +1,14 @@
 """One attempt at a request on one orchestrator, and what its answer means for the gateway.
 
-Every way an attempt can end is one of four outcomes:
+Every way an attempt can end is one of five outcomes:
 
 - ``ok``: a well-formed image response;
 - ``client_error``: 400 or 422, the client's fault: returned as is, not retried, node not blamed;
 - ``busy``: 503 or 429, the node is full: try another, node not blamed;
+- ``no_memory``: 507, the node ran out of device memory for this request's size: try another (a
+  larger one may hold it), node not blamed;
 - ``failed``: anything else (connection error, timeout, 5xx, a wrong secret, garbage): try another
-  node, and suspend this one.
+  node, and count it against this one (``NodePool.failed``).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from t2i_common.sse import EVENT_STREAM, Notify, read_events
 
 from .nodes import Node
 
-Outcome = Literal["ok", "client_error", "busy", "failed"]
+Outcome = Literal["ok", "client_error", "busy", "no_memory", "failed"]
 _STREAM_PATH = re.compile(r"/stream/[A-Za-z0-9_-]{1,128}/[A-Za-z0-9_-]{1,128}\.png")
 
 
@@ -35,6 +37,7 @@ class AttemptResult:
     status: int = 0
     body: Any = None  # the parsed JSON body for ok and client_error
     reason: str = ""  # why it failed, for logs and the last error message
+    unreachable: bool = False  # no connection could be made: the node, not the request
 
 
 async def attempt(
@@ -86,6 +89,8 @@ async def _post(
             status = response.status
     except TimeoutError:
         return AttemptResult("failed", reason="timed out")
+    except aiohttp.ClientConnectorError as exc:
+        return AttemptResult("failed", reason=f"{type(exc).__name__}: {exc}", unreachable=True)
     except aiohttp.ClientError as exc:
         return AttemptResult("failed", reason=f"{type(exc).__name__}: {exc}")
     except ValueError as exc:
@@ -111,6 +116,8 @@ def _classify(status: int, body: Any, expected_images: int) -> AttemptResult:
         return AttemptResult("client_error", status, body)
     if status in (429, 503):
         return AttemptResult("busy", status, reason=f"busy ({status})")
+    if status == 507:
+        return AttemptResult("no_memory", status, reason="out of device memory for this request")
     if status != 200:
         return AttemptResult("failed", status, reason=f"answered {status}")
     problem = _check_images(body, expected_images)

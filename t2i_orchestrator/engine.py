@@ -37,7 +37,12 @@ class GenerationCancelled(Exception):
 
 
 class OutOfMemory(InternalError):
-    """The device ran out of memory; its cache was freed and the node keeps serving."""
+    """The device ran out of memory; its cache was freed and the node keeps serving.
+
+    507 (Insufficient Storage), not a 500: the request's size, not the node, is at fault, and a gateway
+    tries another node (one with more memory may hold it) without counting this one as failing."""
+
+    status = 507
 
 
 class ModelUnavailable(InternalError):

@@ -19,10 +19,22 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+
 from t2i_common.errors import BadRequest
 
 _REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
 _WEIGHTS = ("*.safetensors", "*.json")  # LoRAs are loaded from safetensors only, never from pickles
+
+
+def _is_repo_id(lora_id: str) -> bool:
+    """A Hugging Face repository id by the hub's own rules (which are stricter than "name/name")."""
+    try:
+        validate_repo_id(lora_id)
+    except HFValidationError:
+        return False
+    return bool(_REPO_ID.fullmatch(lora_id))
 
 
 class LoraHub(Protocol):
@@ -93,9 +105,12 @@ class LoraFetcher:
         if self._lora_dir is None:
             return None
         root = self._lora_dir.resolve()
-        candidate = (root / lora_id).resolve()
-        if candidate.is_relative_to(root) and candidate != root and candidate.is_dir():
-            return candidate
+        try:
+            candidate = (root / lora_id).resolve()
+            if candidate.is_relative_to(root) and candidate != root and candidate.is_dir():
+                return candidate
+        except (OSError, ValueError):  # a name no file can have (a NUL byte, too long): not a local LoRA
+            pass
         return None
 
     async def _folder(self, lora_id: str) -> Path:
@@ -103,7 +118,7 @@ class LoraFetcher:
         local = await loop.run_in_executor(self._executor, self._local, lora_id)
         if local is not None:
             return local
-        if not _REPO_ID.fullmatch(lora_id) or ".." in lora_id:
+        if not _is_repo_id(lora_id):
             raise BadRequest(f"LoRA {lora_id!r} could not be loaded: it is not in this node's LoRA folder nor a Hugging Face repo id.")
         if self._policy == "off":
             raise BadRequest(f"LoRA {lora_id!r} could not be loaded: this node takes LoRAs from its own folder only (--lora-hub off).")

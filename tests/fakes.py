@@ -108,8 +108,8 @@ class FakeEngine:
 
 class FakeOrchestrator:
     """A fake node (a real aiohttp app on loopback) whose behaviour a test sets: ``mode`` is one of
-    ok, fail (500), busy (503), refuse (422), garbage (malformed JSON), wrong_types, hang (probes
-    too), hold (generations only: they wait for ``release``, probes answer)."""
+    ok, fail (500), busy (503), oom (507: out of device memory), refuse (422), garbage (malformed JSON),
+    wrong_types, hang (probes too), hold (generations only: they wait for ``release``, probes answer)."""
 
     def __init__(self, models: list[dict[str, object]] | None = None, *, capacity: int = 4, secret: str | None = None) -> None:
         self.models = models or [{"model_id": "m/warm", "pipeline": "text-to-image", "warm": True, "loaded": True}]
@@ -163,6 +163,8 @@ class FakeOrchestrator:
             return web.json_response({"detail": {"msg": "boom"}}, status=500)
         if self.mode == "busy":
             return web.json_response({"detail": {"msg": "busy"}}, status=503, headers={"Retry-After": "1"})
+        if self.mode == "oom":
+            return web.json_response({"detail": {"msg": "Out of GPU memory"}}, status=507)
         if self.mode == "refuse":
             return web.json_response({"detail": [{"loc": ["body", "prompt"], "msg": "fake refusal", "type": "value_error"}]}, status=422)
         if self.mode == "garbage":

@@ -155,7 +155,7 @@ async def test_on_demand_model_loads_once_under_concurrent_requests(
     assert metrics.registry.get_sample_value("t2i_orchestrator_images_generated_total", {"model": "tiny/on-demand"}) == 4
 
 
-def test_out_of_memory_is_a_500_and_the_engine_keeps_serving(engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_out_of_memory_is_a_507_and_the_engine_keeps_serving(engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
     from t2i_orchestrator.engine import OutOfMemory
@@ -170,7 +170,7 @@ def test_out_of_memory_is_a_500_and_the_engine_keeps_serving(engine: Any, monkey
     monkeypatch.setattr(model, "pipe", out_of_memory)
     with pytest.raises(OutOfMemory, match="Out of GPU memory") as caught:
         generate(engine)
-    assert caught.value.status == 500
+    assert caught.value.status == 507  # the request's size: a gateway tries a larger node, blaming none
     monkeypatch.setattr(model, "pipe", real_pipe)
     assert generate(engine)[0].picture.size == (64, 64)
 

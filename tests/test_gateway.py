@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from functools import partial
 from typing import Any
 
@@ -12,10 +13,11 @@ from prometheus_client import CollectorRegistry
 
 from discovery import Endpoint, StaticDiscovery
 from metrics import GatewayMetrics
-from t2i_common.sse import read_events
 from t2i_common.server import DRAIN
+from t2i_common.sse import read_events
 from t2i_gateway.app import POOL, create_app
 from t2i_gateway.config import GatewayConfig
+from t2i_gateway.nodes import FAILURES_TO_SUSPEND
 
 from .fakes import FakeOrchestrator
 from .helpers import BODY, ON_DEMAND, MakeGateway, wait_until
@@ -90,20 +92,67 @@ async def test_unknown_model_is_a_400_listing_the_offer(make_gateway: MakeGatewa
 
 async def test_failure_is_retried_elsewhere_and_the_node_suspended(make_gateway: MakeGateway) -> None:
     bad, good = FakeOrchestrator(capacity=8), FakeOrchestrator(capacity=4)  # the bad node, with more room, is tried first
-    bad.mode = "fail"
+    bad.mode = "fail"  # its requests fail while its probes pass
     gateway = await make_gateway(bad, good)
-    for _ in range(4):
+    for _ in range(FAILURES_TO_SUSPEND + 2):
         response = await gateway.post()
         assert response.status == 200
-    assert len(bad.requests) == 1  # suspended after its first failure
+    assert len(bad.requests) == FAILURES_TO_SUSPEND  # suspended after that many failures in a row, not after one
     view = {n["url"]: n for n in (await (await gateway.client.get("/orchestrators")).json())["orchestrators"]}
     assert view[gateway.url_of(0)]["healthy"] is False and view[gateway.url_of(0)]["suspended_until"]
     assert view[gateway.url_of(1)]["healthy"] is True
     registry = gateway.metrics.registry
-    assert registry.get_sample_value("t2i_gateway_retries_total") == 1
-    assert registry.get_sample_value("t2i_gateway_attempts_total", {"orchestrator": gateway.url_of(0), "outcome": "failed"}) == 1
+    assert registry.get_sample_value("t2i_gateway_retries_total") == FAILURES_TO_SUSPEND
+    failed = registry.get_sample_value("t2i_gateway_attempts_total", {"orchestrator": gateway.url_of(0), "outcome": "failed"})
+    assert failed == FAILURES_TO_SUSPEND
     gauge = {state: registry.get_sample_value("t2i_gateway_orchestrators", {"state": state}) for state in ("known", "healthy", "suspended")}
     assert gauge == {"known": 2, "healthy": 1, "suspended": 1}
+
+
+async def test_failing_requests_never_suspend_more_than_the_share_of_a_models_nodes(make_gateway: MakeGateway) -> None:
+    fakes = [FakeOrchestrator() for _ in range(2)]
+    for fake in fakes:
+        fake.mode = "fail"  # as a request built to fail would make them; their probes pass
+    gateway = await make_gateway(*fakes, max_attempts=2)
+    for _ in range(3 * FAILURES_TO_SUSPEND):
+        assert (await gateway.post()).status == 503
+    pool = gateway.client.app[POOL]
+    now = time.monotonic()
+    assert [node.suspended(now) for node in pool.nodes.values()].count(True) == 1  # 0.5 of 2: one stays in rotation
+    for fake in fakes:
+        fake.mode = "ok"
+    assert (await gateway.post()).status == 200  # the node that stayed serves at once
+
+
+async def test_a_node_that_cannot_be_connected_to_is_suspended_at_once(make_gateway: MakeGateway) -> None:
+    gone, good = FakeOrchestrator(capacity=8), FakeOrchestrator()
+    gateway = await make_gateway(gone, good)
+    url = gateway.url_of(0)
+    await gateway.servers[0].close()  # nothing listens there any more
+    assert (await gateway.post()).status == 200
+    assert (await gateway.post()).status == 200
+    assert len(good.requests) == 2  # the second request did not try the closed node again
+    assert gateway.client.app[POOL].nodes[url].suspended(time.monotonic())
+
+
+async def test_out_of_memory_is_tried_elsewhere_without_blame_and_too_large_for_all_is_a_400(make_gateway: MakeGateway) -> None:
+    small, large = FakeOrchestrator(capacity=8), FakeOrchestrator()  # the small one looks freer: tried first
+    small.mode = "oom"
+    gateway = await make_gateway(small, large)
+    assert (await gateway.post()).status == 200 and (len(small.requests), len(large.requests)) == (1, 1)
+    assert gateway.client.app[POOL].nodes[gateway.url_of(0)].failures == 0  # the request's size, not the node
+    large.mode = "oom"
+    response = await gateway.post()
+    assert response.status == 400
+    assert "No orchestrator tried (2) has the device memory for this request" in (await response.json())["detail"]["msg"]
+
+
+async def test_a_prompt_with_a_lone_surrogate_is_served_and_logged(make_gateway: MakeGateway, caplog: pytest.LogCaptureFixture) -> None:
+    gateway = await make_gateway(FakeOrchestrator())
+    caplog.set_level("INFO", logger="t2i_gateway.app")
+    assert (await gateway.post({**BODY, "prompt": "a cat \ud800"})).status == 200
+    assert gateway.metrics.registry.get_sample_value("t2i_gateway_requests_total", {"status": "200", "model": "m/warm"}) == 1
+    assert any("status 200" in record.getMessage() and "len:7" in record.getMessage() for record in caplog.records)
 
 
 @pytest.mark.parametrize("mode", ["garbage", "wrong_types", "fail"])
@@ -228,8 +277,9 @@ async def test_slow_bodies_without_a_key_take_no_slot_and_a_slow_body_gets_408(m
     length = int(answer.split("content-length: ")[1].split("\r\n")[0])
     assert b"did not arrive within 0.5 s" in await reader.readexactly(length)
     assert gateway.client.app[DRAIN].in_flight == 0
-    for _, writer in [*connections, (reader, writer)]:
-        writer.close()
+    writer.close()
+    for _, anonymous in connections:
+        anonymous.close()
     assert gateway.metrics.registry.get_sample_value("t2i_gateway_requests_total", {"status": "401", "model": "other"}) == 16
 
 

@@ -53,7 +53,8 @@ async def test_a_name_in_the_lora_folder_is_that_folder(tmp_path: Path, hub: Fak
     assert resolved == ((str((tmp_path / "loras" / "style").resolve()), 0.5),)
 
 
-@pytest.mark.parametrize("lora_id", ["missing-style", "../loras", "/etc", "a/../../b"])
+# A NUL byte (no file can have it) and ids the hub itself rejects ("--", "..", a leading "-", ".git").
+@pytest.mark.parametrize("lora_id", ["missing-style", "../loras", "/etc", "a/../../b", "a\x00b", "a/b..c", "a--b/c", "-a/b", "a/b.git"])
 async def test_names_outside_the_folder_or_not_repo_ids_are_refused(tmp_path: Path, hub: FakeHub, lora_id: str) -> None:
     (tmp_path / "loras").mkdir()
     with pytest.raises(BadRequest, match="could not be loaded") as caught:

@@ -206,7 +206,7 @@ async def test_a_reporting_node_this_gateway_cannot_reach_is_suspended_not_probe
     async with aiohttp.ClientSession() as session:
         pool._session = session  # noqa: SLF001
         await pool._probe(node)  # noqa: SLF001
-    assert not node.ready and node.suspended(time.monotonic()) and node.failures == 1
+    assert not node.ready and node.suspended(time.monotonic()) and node.suspensions == 1
     assert node.next_probe == node.suspended_until and "probe" in (node.last_error or "")
 
 
@@ -219,7 +219,7 @@ def test_a_suspended_node_is_believed_again_only_when_a_probe_reaches_it() -> No
     discovery.reports = {node.url: report()}
     pool._sync()  # noqa: SLF001
     assert node.ready
-    pool.failed(node, "connection refused")  # its registry says it is fine, but we could not reach it
+    pool._suspend(node, "probe: connection refused")  # noqa: SLF001 -- its registry says it is fine, but our probe failed
     node.suspended_until = 0.0  # the suspension is over; the probe that ends it has not answered yet
     discovery.reports = {node.url: report()}
     pool._sync()  # noqa: SLF001

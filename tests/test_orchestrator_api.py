@@ -250,6 +250,23 @@ async def test_loras_reach_the_engine_as_local_folders(make_client: MakeClient, 
     assert response.status == 400 and "'../loras' could not be loaded" in (await response.json())["detail"]["msg"]
 
 
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        ({"prompt": "a lone surrogate \ud800"}, 200),  # generated, and logged as a hash: never a 500 after the work
+        ({"prompt": "a", "loras": json.dumps({"a\x00b": 1})}, 422),  # a NUL byte: a client error, not a crash
+        ({"prompt": "a", "loras": json.dumps({"a--b/c": 1})}, 400),  # no repo id the hub would accept
+    ],
+)
+async def test_requests_built_to_fail_are_answered_as_the_clients_fault(
+    make_client: MakeClient, tmp_path: Path, body: dict[str, Any], status: int
+) -> None:
+    (tmp_path / "loras").mkdir()
+    client = await make_client(lora_dir=tmp_path / "loras", lora_hub="on")
+    response = await client.post("/text-to-image", json={"width": 64, "height": 64, **body})
+    assert response.status == status, await response.text()
+
+
 async def test_secret_is_required_except_on_health_and_metrics(make_client: MakeClient) -> None:
     client = await make_client(secret="s3cret")
     body = {"prompt": "a", "width": 64, "height": 64}
