@@ -50,6 +50,10 @@ class Discovery(Protocol):
         """Look for changes; True when the set changed."""
         ...
 
+    def problem(self) -> str | None:
+        """What keeps it from following its source now (for ``/health`` and a metric); None: nothing."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -151,6 +155,9 @@ class StaticDiscovery:
     async def refresh(self) -> bool:
         return False
 
+    def problem(self) -> str | None:
+        return None
+
     async def close(self) -> None:
         pass
 
@@ -174,6 +181,9 @@ class CombinedDiscovery:
             if isinstance(result, BaseException):
                 logger.error("discovery refresh failed; keeping that backend's last set: %s", result)
         return any(result is True for result in results)
+
+    def problem(self) -> str | None:
+        return "; ".join(filter(None, (backend.problem() for backend in self._backends))) or None
 
     async def close(self) -> None:
         await asyncio.gather(*(backend.close() for backend in self._backends), return_exceptions=True)

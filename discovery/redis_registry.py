@@ -15,10 +15,16 @@ Under a key prefix (``--registry-prefix``, default ``t2i``, so that several flee
   every few seconds is the safety net for a missed message, and brings everyone's latest load. A full
   read is one round trip, however large the fleet.
 
-A gateway keeps each node until its entry's expiry (measured by Redis, counted down by the gateway)
-or its ``leave``. When Redis is unreachable the gateway keeps the last known set, and when Redis comes
-back (even restarted empty) it keeps each node for at least ``outage_grace_s`` more, time enough for
-the nodes' next heartbeats to put them back.
+A gateway keeps each node while Redis holds its entry, until its ``leave``: when the expiry it last
+read (measured by Redis, counted down by the gateway) has passed, it reads again rather than drop the
+node, since a heartbeat that only moved the load renews the entry without an announcement. When Redis
+is unreachable the gateway keeps the last known set, and when Redis comes back (even restarted empty)
+it keeps each node for at least ``outage_grace_s`` more, time enough for the nodes' next heartbeats to
+put them back.
+
+Anyone who can write to Redis can publish on the channel or write a report: a message or report that
+is not what a node writes is skipped, and the follower task that reads them is supervised (restarted
+with backoff, its state in ``problem()``, which the gateway shows in ``/health`` and a metric).
 """
 
 from __future__ import annotations
@@ -82,6 +88,7 @@ return removed
 
 FULL_READ_S = 5.0
 RECONNECT_S = 1.0
+MAX_RESTART_S = 30.0  # the longest wait before following again after a failure of our own
 
 
 class RedisRegistry:
@@ -125,10 +132,12 @@ def _pairs(flat: list[str], value: Callable[[str], Any]) -> dict[str, Any]:
     return {flat[i]: value(flat[i + 1]) for i in range(0, len(flat), 2)}
 
 
-def connect(settings: RegistrySettings) -> redis.Redis:
-    """A client for ``settings.location``; ``rediss://`` certificates are always verified, host name included."""
+def connect(settings: RegistrySettings, *, decode: bool = True) -> redis.Redis:
+    """A client for ``settings.location``; ``rediss://`` certificates are always verified, host name included.
+
+    ``decode=False``: replies as bytes, for messages from parties that may send anything."""
     options: dict[str, Any] = {
-        "decode_responses": True,
+        "decode_responses": decode,
         "socket_timeout": 2.0,
         "socket_connect_timeout": 2.0,
         # A pooled connection that a Redis restart closed fails its next command: try once more on a
@@ -189,13 +198,16 @@ class RedisDiscovery:
         self._outage_grace_s = outage_grace_s
         self._full_read_s = full_read_s
         self._on_error = on_error
-        self._deadlines: dict[str, float] = {}  # url -> time.monotonic() when its entry expires
+        self._deadlines: dict[str, float] = {}  # url -> time.monotonic() when its entry expires, as last read
         self._reports: dict[str, str] = {}  # url -> its last report, as read
         self._fresh: dict[str, dict[str, Any]] = {}  # url -> its report, if new since the last take_reports()
         self._current: tuple[Endpoint, ...] = ()
         self._changed = False
         self._connected = False
         self._in_outage = False
+        self._read_due = False  # an expiry has passed: ask Redis whether the entry was renewed
+        self._grace_until = 0.0  # after an outage, entries Redis lacks are kept until then
+        self._problem: str | None = "not connected yet"
         self._closed = False
         self._task: asyncio.Task[None] | None = None
 
@@ -206,17 +218,20 @@ class RedisDiscovery:
         fresh, self._fresh = self._fresh, {}
         return fresh
 
+    def problem(self) -> str | None:
+        return self._problem
+
     async def refresh(self) -> bool:
-        """Cheap: the follower task does the I/O; this applies expiry and says whether the set changed."""
-        if self._task is None:
+        """Cheap: the follower task does the I/O; this supervises it and says whether the set changed."""
+        if self._task is None or self._task.done():
+            if self._task is not None and not self._task.cancelled() and self._task.exception() is not None:
+                logger.error("registry %s: the follower stopped (%r); starting it again", self.where, self._task.exception())
             self._task = asyncio.create_task(self._follow())
-        if self._connected:  # while Redis is away, nothing expires: its clock is not there to say so
-            expired = [url for url, deadline in self._deadlines.items() if deadline <= time.monotonic()]
-            for url in expired:
-                logger.info("orchestrator %s: its registry entry expired", url)
-                self._forget(url)
-            if expired:
-                self._publish()
+        now = time.monotonic()
+        if self._connected and any(deadline <= now for deadline in self._deadlines.values()):
+            self._read_due = True  # never dropped on our count alone: Redis says whether it is still there
+        if self._grace_until and now >= self._grace_until:
+            self._grace_until, self._read_due = 0.0, True  # what Redis lacked since the outage goes now
         changed, self._changed = self._changed, False
         return changed
 
@@ -228,57 +243,79 @@ class RedisDiscovery:
                 await self._task
 
     async def _follow(self) -> None:
+        restart_s = RECONNECT_S
         while not self._closed:
             registry = RedisRegistry(self._settings)
-            pubsub = registry.client.pubsub(ignore_subscribe_messages=True)
+            # Messages as bytes, decoded here: one that is not UTF-8 is skipped, not the end of following.
+            raw = connect(self._settings, decode=False)
+            pubsub = raw.pubsub(ignore_subscribe_messages=True)
+            wait_s = RECONNECT_S
             try:
                 await pubsub.subscribe(registry.channel)
-                await self._read(registry)
+                await self._read(registry, after_outage=self._in_outage)
                 self._came_back()
+                restart_s = RECONNECT_S
                 await self._listen(registry, pubsub)
             except (RedisError, OSError) as exc:
                 if self._closed:
                     return
                 self._went_away(exc)
+            except Exception as exc:  # a defect of ours, or input we did not foresee: follow again, later
+                if self._closed:
+                    return
+                logger.exception("registry %s: following it failed; starting again in %.0f s", self.where, restart_s)
+                self._went_away(exc)
+                wait_s, restart_s = restart_s, min(MAX_RESTART_S, restart_s * 2)
             finally:
-                with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()
-                with contextlib.suppress(RedisError, OSError):
-                    await registry.close()
-            await asyncio.sleep(RECONNECT_S)
+                for close in (pubsub.aclose, raw.aclose, registry.close):
+                    with contextlib.suppress(RedisError, OSError):
+                        await close()
+            await asyncio.sleep(wait_s)
 
     async def _listen(self, registry: RedisRegistry, pubsub: Any) -> None:
         next_read = time.monotonic() + self._full_read_s
         while not self._closed:
             # At most a second per wait: a cancellation that redis-py turns into a timeout is then
-            # noticed through ``_closed`` within a second.
+            # noticed through ``_closed``, and a due read made, within a second.
             message = await pubsub.get_message(timeout=min(1.0, max(0.0, next_read - time.monotonic())))
-            read = time.monotonic() >= next_read
+            read = time.monotonic() >= next_read or self._read_due
             while message is not None:  # take everything already there, then read once
-                kind, _, url = str(message.get("data", "")).partition(" ")
-                if kind == "leave" and url in self._deadlines:
-                    logger.info("orchestrator %s left the registry", url)
-                    self._forget(url)
-                    self._publish()
-                read = read or kind in ("join", "report")
+                read = self._announced(message.get("data")) or read
                 message = await pubsub.get_message(timeout=0.0)
             if read:
+                self._read_due = False
                 await self._read(registry)
                 next_read = time.monotonic() + self._full_read_s
 
-    async def _read(self, registry: RedisRegistry) -> None:
+    def _announced(self, data: Any) -> bool:
+        """Apply one message from the channel; True when it calls for a read. Anything else is skipped."""
+        kind, _, url = (data.decode("utf-8", "replace") if isinstance(data, bytes) else "").partition(" ")
+        if kind == "leave":
+            with contextlib.suppress(ValueError):
+                url = normalize_url(url)
+            if url in self._deadlines:
+                logger.info("orchestrator %s left the registry", url)
+                self._forget(url)
+                self._publish()
+            return False
+        return kind in ("join", "report")
+
+    async def _read(self, registry: RedisRegistry, *, after_outage: bool = False) -> None:
         redis_now, entries, reports = await registry.read()
         local_now = time.monotonic()
+        if after_outage:  # Redis may have restarted empty: what it lacks now its nodes' heartbeats restore
+            self._grace_until = local_now + self._outage_grace_s
         present: dict[str, float] = {}
         for url, expiry in entries.items():
             try:
                 present[normalize_url(url)] = local_now + (expiry - redis_now)  # inf stays inf
             except ValueError:
                 continue  # not something a node or t2i-register wrote; never routed to
-        # Absent static entries were removed; absent heartbeat entries may be a Redis restarted empty:
-        # they stay until their expiry, by which time their nodes have heartbeaten again.
+        # What Redis no longer holds is gone: a static entry at once, one that expired once its expiry
+        # has passed (until then, Redis may be one restarted empty), and nothing while in the grace.
         for url, deadline in list(self._deadlines.items()):
-            if url not in present and math.isinf(deadline):
+            if url not in present and local_now >= self._grace_until and (math.isinf(deadline) or deadline <= local_now):
+                logger.info("orchestrator %s: its registry entry is gone", url)
                 self._forget(url)
         self._deadlines.update(present)
         for url, report in reports.items():
@@ -286,8 +323,8 @@ class RedisDiscovery:
                 self._reports[url] = report
                 try:
                     self._fresh[url] = json.loads(report)
-                except ValueError:
-                    logger.warning("orchestrator %s: its registry report is not JSON; ignored", url)
+                except (ValueError, RecursionError):  # RecursionError: nested too deeply to be a report
+                    logger.warning("orchestrator %s: its registry report is not usable JSON; ignored", url)
         self._publish()
 
     def _forget(self, url: str) -> None:
@@ -304,12 +341,14 @@ class RedisDiscovery:
     def _came_back(self) -> None:
         if self._in_outage:
             logger.warning("registry %s is reachable again", self.where)
-            floor = time.monotonic() + self._outage_grace_s
-            self._deadlines = {url: max(deadline, floor) for url, deadline in self._deadlines.items()}
-        self._connected, self._in_outage = True, False
+        self._connected, self._in_outage, self._problem = True, False, None
 
     def _went_away(self, exc: BaseException) -> None:
         self._connected = False
+        if isinstance(exc, (RedisError, OSError)):
+            self._problem = f"registry {self.where} is unreachable ({exc or type(exc).__name__})"
+        else:
+            self._problem = f"registry {self.where}: following it failed ({exc!r}); following it again shortly"
         if not self._in_outage:  # logged and counted once per outage, not once per retry
             self._in_outage = True
             message = (

@@ -150,6 +150,9 @@ class RegistryFileDiscovery:
     def take_reports(self) -> dict[str, dict[str, Any]]:
         return {}  # the file holds urls only: gateways probe its nodes
 
+    def problem(self) -> str | None:
+        return None  # a file that cannot be read keeps the last good set, and is counted and logged
+
     async def close(self) -> None:
         pass
 

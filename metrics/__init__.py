@@ -110,7 +110,14 @@ class GatewayMetrics:
             registry=self.registry,
         )
 
-    ATTEMPT_OUTCOMES = ("ok", "client_error", "busy", "failed")
+        self.discovery_ok = Gauge(
+            "discovery_ok",
+            "1 while discovery follows its sources (a Redis registry reachable and followed), else 0; /health says why.",
+            namespace=ns,
+            registry=self.registry,
+        )
+
+    ATTEMPT_OUTCOMES = ("ok", "client_error", "busy", "no_memory", "failed")
 
     def forget_orchestrator(self, url: str) -> None:
         """Drop a departed orchestrator's series."""

@@ -421,9 +421,12 @@ async def _relay(request: web.Request, upstream: aiohttp.ClientResponse) -> web.
 
 
 async def health(request: web.Request) -> web.Response:
-    healthy = request.app[POOL].healthy()
+    pool = request.app[POOL]
+    healthy = pool.healthy()
     status = "draining" if request.app[DRAIN].draining else "ready" if healthy else "unavailable"
-    return web.json_response({"status": status, "orchestrators_ready": len(healthy)}, status=200 if status == "ready" else 503)
+    # A discovery problem (Redis away) is shown but does not fail the check: the last known nodes still serve.
+    body = {"status": status, "orchestrators_ready": len(healthy), "discovery": pool.discovery.problem() or "ok"}
+    return web.json_response(body, status=200 if status == "ready" else 503)
 
 
 async def orchestrators(request: web.Request) -> web.Response:

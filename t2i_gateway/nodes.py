@@ -112,6 +112,7 @@ class NodePool:
         metrics.orchestrators.labels("known").set_function(lambda: len(self.nodes))
         metrics.orchestrators.labels("healthy").set_function(lambda: len(self.healthy()))
         metrics.orchestrators.labels("suspended").set_function(lambda: len(self.nodes) - len(self._unsuspended()))
+        metrics.discovery_ok.set_function(lambda: 0.0 if discovery.problem() else 1.0)
         self._secret = secret
         self._probe_interval_s = probe_interval_s
         self._probe_timeout = aiohttp.ClientTimeout(total=probe_timeout_s)

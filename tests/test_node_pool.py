@@ -106,6 +106,9 @@ class GatedDiscovery:
     def snapshot(self) -> tuple[Endpoint, ...]:
         return ()
 
+    def problem(self) -> str | None:
+        return None
+
     def take_reports(self) -> dict[str, dict[str, Any]]:
         return {}
 
@@ -141,6 +144,9 @@ class ReportingDiscovery:
 
     def snapshot(self) -> tuple[Endpoint, ...]:
         return self.endpoints
+
+    def problem(self) -> str | None:
+        return None
 
     def take_reports(self) -> dict[str, dict[str, Any]]:
         reports, self.reports = self.reports, {}
