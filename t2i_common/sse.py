@@ -48,6 +48,7 @@ async def respond_with_events(
     if first:
         events.put_nowait(first)
     task = asyncio.ensure_future(work(lambda event, data: events.put_nowait((event, data))))
+    waiter: asyncio.Future[tuple[str, dict[str, Any]]] | None = None
     try:
         while True:
             waiter = asyncio.ensure_future(events.get())
@@ -70,6 +71,8 @@ async def respond_with_events(
             await response.write(encode("error", {"status": internal.status, "body": internal.body()}))
         await response.write_eof()
     finally:
+        if waiter is not None:
+            waiter.cancel()  # else, when the client leaves, "Task was destroyed but it is pending!"
         if not task.done():
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, APIError):

@@ -239,6 +239,9 @@ async def _observed(
         status = error.status
         error.headers["X-Request-ID"] = trace.request_id
         raise
+    except asyncio.CancelledError:
+        status = 499  # the client went away (nginx's code for it): not a server error
+        raise
     finally:
         seconds = time.monotonic() - started
         metrics_.in_flight.dec()

@@ -353,8 +353,14 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 @web.middleware
 async def _count_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
-    response = await handler(request)
-    if request.path.rstrip("/") == "/text-to-image" and response.content_type != EVENT_STREAM:  # streams count themselves
+    counted = request.path.rstrip("/") == "/text-to-image"
+    try:
+        response = await handler(request)
+    except asyncio.CancelledError:
+        if counted:  # the client went away (nginx's 499); a stream counts its own
+            request.app[METRICS].requests.labels("499").inc()
+        raise
+    if counted and response.content_type != EVENT_STREAM:  # streams count themselves
         request.app[METRICS].requests.labels(str(response.status)).inc()
     return response
 

@@ -120,7 +120,8 @@ def make_gateway(aiohttp_client: Any, aiohttp_server: Any) -> MakeGateway:
         metrics = GatewayMetrics(CollectorRegistry())
         config = GatewayConfig(orchestrators=tuple(e.url for e in endpoints), **overrides)
         app = create_gateway(config, discovery=StaticDiscovery(endpoints), stream_secret=b"test-secret", metrics_=metrics)
-        client = await aiohttp_client(app)
+        # As the daemon serves (t2i_common.server.serve): a client that leaves cancels its handler.
+        client = await aiohttp_client(app, server_kwargs={"handler_cancellation": True})
         gateway = Gateway(client, servers, metrics)
         if wait_ready:
             await wait_until(lambda: all(n.capabilities for n in app[POOL].nodes.values()) and len(app[POOL].healthy()) > 0)

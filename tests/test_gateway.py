@@ -420,6 +420,22 @@ async def test_before_any_node_is_seen_a_named_model_is_a_503_not_a_400(make_gat
     assert response.status == 503 and "Retry-After" in response.headers
 
 
+@pytest.mark.parametrize("events", [False, True])
+async def test_a_client_that_hangs_up_is_counted_as_499_not_as_an_error(make_gateway: MakeGateway, events: bool) -> None:
+    holding = FakeOrchestrator()
+    holding.mode = "hold"
+    gateway = await make_gateway(holding)
+    headers = {"Accept": "text/event-stream"} if events else {}
+    request = asyncio.create_task(gateway.post(headers=headers))
+    await wait_until(lambda: len(holding.requests) == 1)
+    request.cancel()
+    await gateway.client.close()  # the client hangs up while its image is being made
+    registry = gateway.metrics.registry
+    await wait_until(lambda: registry.get_sample_value("t2i_gateway_requests_total", {"status": "499", "model": "m/warm"}) == 1)
+    assert registry.get_sample_value("t2i_gateway_requests_total", {"status": "500", "model": "m/warm"}) is None
+    holding.release.set()
+
+
 async def test_refusals_before_any_attempt_are_counted(make_gateway: MakeGateway) -> None:
     full = FakeOrchestrator(capacity=1)
     full.busy_report = 1
