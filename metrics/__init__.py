@@ -103,6 +103,7 @@ class GatewayMetrics:
             registry=self.registry,
         )
         self.stream_bytes = Counter("stream_bytes", "Image bytes proxied through /stream.", namespace=ns, registry=self.registry)
+        self.streams = Gauge("streams", "Image downloads (/stream) being served now.", namespace=ns, registry=self.registry)
         self.registry_errors = Counter(
             "registry_errors",
             "Registry problems: registry file versions rejected, Redis registry outages (the last good set was kept).",

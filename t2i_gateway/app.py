@@ -65,6 +65,7 @@ STREAM_CHUNK = 64 * 1024
 PLAYGROUND_HTML = (Path(__file__).parent / "playground.html").read_text().replace("__DEMO_MODEL_ID__", DEMO_MODEL_ID)
 PLAYGROUND = web.AppKey("playground", str)
 OPENAI = web.AppKey("openai", openai_api.OpenAIRequests)
+STREAM_SLOTS = web.AppKey("stream_slots", asyncio.Semaphore)  # --max-streams
 GENERATION_PATHS = frozenset({"/text-to-image", "/text-to-image/", "/v1/images/generations"})
 KEYED_PATHS = GENERATION_PATHS | {"/v1/models"}
 
@@ -95,6 +96,7 @@ def create_app(
     app[OPENAI] = openai_api.OpenAIRequests(config.limits, app[SCHEMA])
     app[OPENAPI] = build_openapi(config.limits, api_keys=bool(config.api_keys))
     app[PLAYGROUND] = PLAYGROUND_HTML
+    app[STREAM_SLOTS] = asyncio.Semaphore(config.max_streams)
     app.cleanup_ctx.extend([_client_session, _node_pool])
     app.router.add_get("/", playground)
     app.router.add_post("/text-to-image", text_to_image)
@@ -390,13 +392,18 @@ async def stream_image(request: web.Request) -> web.StreamResponse:
     target = app[SIGNER].verify(request.match_info["token"])
     if target is None or not target.path.endswith(f"/{request.match_info['name']}.png"):
         raise NotFound("Image not found: the id is unknown, altered or expired.")
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=app[CONFIG].connect_timeout_s, sock_read=30)
+    config, slots = app[CONFIG], app[STREAM_SLOTS]
+    if slots.locked():
+        raise ServiceUnavailable(f"The gateway is serving {config.max_streams} image downloads already; retry shortly.", retry_after=1)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout_s, sock_read=30)
     headers = app[POOL].auth_headers(target.node_url)
-    try:
-        async with app[SESSION].get(f"{target.node_url}{target.path}", headers=headers, timeout=timeout) as upstream:
-            return await _relay(request, upstream)
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        raise BadGateway(f"The orchestrator holding this image cannot be reached ({type(exc).__name__}).") from exc
+    async with slots:
+        with app[METRICS].streams.track_inprogress():
+            try:
+                async with app[SESSION].get(f"{target.node_url}{target.path}", headers=headers, timeout=timeout) as upstream:
+                    return await _relay(request, upstream)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise BadGateway(f"The orchestrator holding this image cannot be reached ({type(exc).__name__}).") from exc
 
 
 async def _relay(request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
@@ -409,17 +416,19 @@ async def _relay(request: web.Request, upstream: aiohttp.ClientResponse) -> web.
     if upstream.content_length is not None:
         response.content_length = upstream.content_length
     await response.prepare(request)
+    write_timeout_s = request.app[CONFIG].stream_write_timeout_s
     try:
         async for chunk in upstream.content.iter_chunked(STREAM_CHUNK):
-            await response.write(chunk)
+            async with asyncio.timeout(write_timeout_s):  # a client that stops reading is cut off
+                await response.write(chunk)
             request.app[METRICS].stream_bytes.inc(len(chunk))
+        async with asyncio.timeout(write_timeout_s):
+            await response.write_eof()
     except (aiohttp.ClientError, TimeoutError) as exc:
         # The headers are sent: all that is left is to cut the body short, which the client sees.
-        logger.warning("stream from %s broke off: %s", upstream.url.origin(), exc)
+        logger.warning("stream from %s broke off: %s", upstream.url.origin(), str(exc) or type(exc).__name__)
         if request.transport is not None:
             request.transport.close()
-        return response
-    await response.write_eof()
     return response
 
 

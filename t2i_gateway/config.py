@@ -49,6 +49,14 @@ OPTIONS = (
     Option("public-url", "base of image URLs, e.g. https://gateway.example.net (default: the URL the request came to)"),
     *secret_options("stream-secret", "secret that signs /stream ids; gateways behind one load balancer must share it (default: random)"),
     Option("image-ttl", "seconds a returned image URL stays valid", type=positive(float), default=3600.0),
+    Option("max-streams", "image downloads (/stream) served at once; beyond, 503 at once", type=positive(int), default=256),
+    Option(
+        "stream-write-timeout",
+        "seconds a client may take to accept each chunk of an image download; beyond, the download is cut off "
+        "(a client that never reads holds no socket or node connection for long)",
+        type=positive(float),
+        default=30.0,
+    ),
     Option("max-in-flight", "text-to-image requests handled at once; beyond, 503 at once", type=positive(int), default=256),
     Option(
         "body-timeout",
@@ -105,6 +113,8 @@ class GatewayConfig:
     public_url: str | None = None
     stream_secret: str | None = None
     image_ttl_s: float = 3600.0
+    max_streams: int = 256
+    stream_write_timeout_s: float = 30.0
     max_in_flight: int = 256
     body_timeout_s: float = 10.0
     max_queued: int = 64
@@ -168,6 +178,8 @@ def load_config(argv: Sequence[str] | None = None) -> GatewayConfig:
         public_url=values["public_url"].rstrip("/") if values["public_url"] else None,
         stream_secret=read_secret(values, "stream-secret"),
         image_ttl_s=values["image_ttl"],
+        max_streams=values["max_streams"],
+        stream_write_timeout_s=values["stream_write_timeout"],
         max_in_flight=values["max_in_flight"],
         body_timeout_s=values["body_timeout"],
         max_queued=values["max_queued"],

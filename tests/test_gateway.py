@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from functools import partial
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from openapi_spec_validator import validate
@@ -317,6 +319,27 @@ async def test_stream_returns_the_orchestrators_bytes(make_gateway: MakeGateway)
         assert "max-age" in response.headers["Cache-Control"]
         assert await response.read() == fake.image
     assert gateway.metrics.registry.get_sample_value("t2i_gateway_stream_bytes_total") == 2 * len(fake.image)
+
+
+async def test_downloads_are_bounded_and_a_client_that_never_reads_is_cut_off(make_gateway: MakeGateway) -> None:
+    fake = FakeOrchestrator()
+    fake.image = bytes(16 * 2**20)  # far more than the socket buffers of a client that reads nothing hold
+    gateway = await make_gateway(fake, max_streams=1, stream_write_timeout_s=0.5)
+    path = urlsplit((await (await gateway.post()).json())["images"][0]["url"]).path
+    streams = partial(gateway.metrics.registry.get_sample_value, "t2i_gateway_streams")
+    stalled = socket.socket()
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(stalled, (gateway.client.host, gateway.client.port))
+    _, writer = await asyncio.open_connection(sock=stalled)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: gw\r\n\r\n".encode())  # and never reads a byte
+    await wait_until(lambda: streams() == 1)
+    refused = await gateway.client.get(path)  # the one download slot is taken
+    assert refused.status == 503 and refused.headers["Retry-After"] == "1"
+    await wait_until(lambda: streams() == 0)  # cut off once a write waited --stream-write-timeout
+    download = await gateway.client.get(path)
+    assert download.status == 200 and len(await download.read()) == len(fake.image)
+    writer.close()
 
 
 async def test_tampered_and_forged_stream_ids_are_404(make_gateway: MakeGateway) -> None:
