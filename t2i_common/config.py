@@ -60,6 +60,21 @@ def read_secret(values: dict[str, Any], name: str) -> str | None:
     return lines[0].strip()
 
 
+MIN_SECRET_LENGTH = 32
+
+
+def strong_secret(values: dict[str, Any], name: str) -> str | None:
+    """``read_secret``, refusing a placeholder from the examples or a secret short enough to guess."""
+    secret = read_secret(values, name)
+    if secret is None:
+        return None
+    if "change-me" in secret.lower():
+        raise ConfigError(f"--{name} is the placeholder from the examples; make a real one: openssl rand -hex 32")
+    if len(secret) < MIN_SECRET_LENGTH:
+        raise ConfigError(f"--{name} is {len(secret)} characters; use at least {MIN_SECRET_LENGTH}: openssl rand -hex 32")
+    return secret
+
+
 def parse_bool(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in ("1", "true", "yes", "on"):

@@ -66,6 +66,7 @@ PLAYGROUND_HTML = (Path(__file__).parent / "playground.html").read_text().replac
 PLAYGROUND = web.AppKey("playground", str)
 OPENAI = web.AppKey("openai", openai_api.OpenAIRequests)
 STREAM_SLOTS = web.AppKey("stream_slots", asyncio.Semaphore)  # --max-streams
+NODE_KEYS = web.AppKey("node_keys", dict[str, str])  # StreamSigner.node_key -> url, of nodes known now
 GENERATION_PATHS = frozenset({"/text-to-image", "/text-to-image/", "/v1/images/generations"})
 KEYED_PATHS = GENERATION_PATHS | {"/v1/models"}
 
@@ -97,6 +98,7 @@ def create_app(
     app[OPENAPI] = build_openapi(config.limits, api_keys=bool(config.api_keys))
     app[PLAYGROUND] = PLAYGROUND_HTML
     app[STREAM_SLOTS] = asyncio.Semaphore(config.max_streams)
+    app[NODE_KEYS] = {}
     app.cleanup_ctx.extend([_client_session, _node_pool])
     app.router.add_get("/", playground)
     app.router.add_post("/text-to-image", text_to_image)
@@ -338,9 +340,9 @@ def _rewrite_urls(request: web.Request, node_url: str, body: dict[str, Any]) -> 
     base = app[CONFIG].public_url or f"{request.scheme}://{request.host}"
     images = []
     for image in body["images"]:
-        path = urlsplit(image["url"]).path
+        path = urlsplit(image["url"]).path  # of the node's image form: upstream checked
         name = path.rsplit("/", 1)[1].removesuffix(".png")
-        token = app[SIGNER].sign(StreamTarget(node_url, path))
+        token = app[SIGNER].sign(node_url, path)
         images.append({"url": f"{base}/stream/{token}/{name}.png", "seed": image["seed"], "nsfw": image["nsfw"]})
     return {"images": images}
 
@@ -372,13 +374,12 @@ async def openai_models(request: web.Request) -> web.Response:
 async def _image_bytes(app: web.Application, url: str) -> bytes:
     """The PNG behind one of this gateway's image urls (signed a moment ago), from the node holding it."""
     target = app[SIGNER].verify(url.split("/stream/", 1)[1].split("/", 1)[0])
-    if target is None:
-        raise BadGateway("An image url could not be resolved.")
+    node_url = _fleet_node(app, target) if target else None
+    if target is None or node_url is None:
+        raise BadGateway("An image url could not be resolved: the orchestrator that made it has left.")
     timeout = aiohttp.ClientTimeout(total=60, sock_connect=app[CONFIG].connect_timeout_s)
     try:
-        async with app[SESSION].get(
-            f"{target.node_url}{target.path}", headers=app[POOL].auth_headers(target.node_url), timeout=timeout
-        ) as upstream:
+        async with app[SESSION].get(f"{node_url}{target.path}", headers=app[POOL].auth_headers(node_url), timeout=timeout) as upstream:
             if upstream.status != 200:
                 raise BadGateway(f"The orchestrator holding the image answered {upstream.status}.")
             return await upstream.read()
@@ -390,20 +391,32 @@ async def stream_image(request: web.Request) -> web.StreamResponse:
     """Stream an image from the node that made it, chunk by chunk, never holding the whole file."""
     app = request.app
     target = app[SIGNER].verify(request.match_info["token"])
-    if target is None or not target.path.endswith(f"/{request.match_info['name']}.png"):
+    if target is None or target.name != request.match_info["name"]:
         raise NotFound("Image not found: the id is unknown, altered or expired.")
+    node_url = _fleet_node(app, target)
+    if node_url is None:
+        raise NotFound("Image not found: the orchestrator that made it has left the fleet.")
     config, slots = app[CONFIG], app[STREAM_SLOTS]
     if slots.locked():
         raise ServiceUnavailable(f"The gateway is serving {config.max_streams} image downloads already; retry shortly.", retry_after=1)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout_s, sock_read=30)
-    headers = app[POOL].auth_headers(target.node_url)
+    headers = app[POOL].auth_headers(node_url)
     async with slots:
         with app[METRICS].streams.track_inprogress():
             try:
-                async with app[SESSION].get(f"{target.node_url}{target.path}", headers=headers, timeout=timeout) as upstream:
+                async with app[SESSION].get(f"{node_url}{target.path}", headers=headers, timeout=timeout) as upstream:
                     return await _relay(request, upstream)
             except (aiohttp.ClientError, TimeoutError) as exc:
                 raise BadGateway(f"The orchestrator holding this image cannot be reached ({type(exc).__name__}).") from exc
+
+
+def _fleet_node(app: web.Application, target: StreamTarget) -> str | None:
+    """The URL of the node a stream id names, if it is in the fleet now: never an address from the id."""
+    keys, nodes = app[NODE_KEYS], app[POOL].nodes
+    if keys.get(target.node_key) not in nodes:  # a node that joined since the last look, or one that left
+        keys.clear()
+        keys.update((app[SIGNER].node_key(url), url) for url in nodes)
+    return keys.get(target.node_key)
 
 
 async def _relay(request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:

@@ -17,8 +17,8 @@ from t2i_common.config import (
     limits_from,
     load_options,
     positive,
-    read_secret,
     secret_options,
+    strong_secret,
 )
 from t2i_common.schemas import Limits
 
@@ -173,10 +173,10 @@ def load_config(argv: Sequence[str] | None = None) -> GatewayConfig:
         heartbeat_ttl_s=values["heartbeat_ttl"],
         orchestrator_ca=values["orchestrator_ca"],
         local_orchestrator=values["local_orchestrator"],
-        orchestrator_secret=read_secret(values, "orchestrator-secret"),
+        orchestrator_secret=strong_secret(values, "orchestrator-secret"),
         api_keys=frozenset(api_keys),
         public_url=values["public_url"].rstrip("/") if values["public_url"] else None,
-        stream_secret=read_secret(values, "stream-secret"),
+        stream_secret=strong_secret(values, "stream-secret"),
         image_ttl_s=values["image_ttl"],
         max_streams=values["max_streams"],
         stream_write_timeout_s=values["stream_write_timeout"],

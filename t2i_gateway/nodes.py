@@ -278,8 +278,11 @@ class NodePool:
         return [node for node in self.nodes.values() if not node.suspended(now)]
 
     def secret_for(self, url: str) -> str | None:
+        """The secret to send to ``url``: its own, else the fleet's; none to an address not in the fleet now."""
         node = self.nodes.get(url)
-        return node.endpoint.secret if node and node.endpoint.secret else self._secret
+        if node is None:
+            return None
+        return node.endpoint.secret or self._secret
 
     def auth_headers(self, url: str) -> dict[str, str]:
         secret = self.secret_for(url)

@@ -1,8 +1,10 @@
 """Signed stream ids: any gateway holding the secret can find the image's orchestrator, statelessly.
 
-A token carries the orchestrator's base URL (as discovery knows it, never as a node or client
-claims it), the image's path there and an expiry, signed with HMAC-SHA256. A tampered, foreign or
-expired token verifies as nothing, so ``/stream`` never fetches an address a client chose.
+A token carries the image's id and name on its node, an expiry, and the node as an opaque key (an
+HMAC of its URL as discovery knows it): a client learns no internal address from it, and the gateway
+finds the node among those it knows now, so ``/stream`` only ever fetches ``/stream/<id>/<name>.png``
+from a node of its own fleet, never an address a token (or a node's answer) names. The whole token is
+signed with HMAC-SHA256: a tampered, foreign or expired one verifies as nothing.
 """
 
 from __future__ import annotations
@@ -16,14 +18,22 @@ import re
 import time
 from dataclasses import dataclass
 
+from t2i_common import IMAGE_PATH
+
 MAX_TOKEN_LENGTH = 1024
 _TOKEN = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 
 
 @dataclass(frozen=True, slots=True)
 class StreamTarget:
-    node_url: str
-    path: str  # on the node, e.g. /stream/<id>/<name>.png
+    node_key: str  # StreamSigner.node_key of the node's URL
+    image_id: str
+    name: str
+
+    @property
+    def path(self) -> str:
+        """On the node."""
+        return f"/stream/{self.image_id}/{self.name}.png"
 
 
 def _b64(data: bytes) -> str:
@@ -39,8 +49,17 @@ class StreamSigner:
         self._keyed = hmac.new(secret, digestmod=hashlib.sha256)  # copied per token: the key is set up once
         self.ttl_s = ttl_s
 
-    def sign(self, target: StreamTarget) -> str:
-        payload = _b64(json.dumps([target.node_url, target.path, int(time.time() + self.ttl_s)], separators=(",", ":")).encode())
+    def node_key(self, node_url: str) -> str:
+        """The opaque name a token gives the node at ``node_url``."""
+        return self._mac(f"node {node_url}")
+
+    def sign(self, node_url: str, image_path: str) -> str:
+        """A token for the image at ``image_path`` (of the node's image form, else ValueError) on ``node_url``."""
+        match = IMAGE_PATH.fullmatch(image_path)
+        if match is None:
+            raise ValueError(f"not a node's image path: {image_path[:200]!r}")
+        fields = [self.node_key(node_url), match[1], match[2], int(time.time() + self.ttl_s)]
+        payload = _b64(json.dumps(fields, separators=(",", ":")).encode())
         return f"{payload}.{self._mac(payload)}"
 
     def verify(self, token: str) -> StreamTarget | None:
@@ -50,12 +69,13 @@ class StreamSigner:
         if not hmac.compare_digest(mac, self._mac(payload)):
             return None
         try:
-            node_url, path, expires = json.loads(_unb64(payload))
+            node_key, image_id, name, expires = json.loads(_unb64(payload))
         except (ValueError, binascii.Error, TypeError):
             return None
         if not isinstance(expires, int) or expires < time.time():
             return None
-        return StreamTarget(node_url, path)
+        target = StreamTarget(str(node_key), str(image_id), str(name))
+        return target if IMAGE_PATH.fullmatch(target.path) else None
 
     def _mac(self, payload: str) -> str:
         mac = self._keyed.copy()

@@ -16,19 +16,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import re
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import aiohttp
 
+from t2i_common import IMAGE_PATH
 from t2i_common.sse import EVENT_STREAM, Notify, read_events
 
 from .nodes import Node
 
 Outcome = Literal["ok", "client_error", "busy", "no_memory", "failed"]
-_STREAM_PATH = re.compile(r"/stream/[A-Za-z0-9_-]{1,128}/[A-Za-z0-9_-]{1,128}\.png")
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +147,6 @@ def _check_images(body: Any, expected: int) -> str | None:
             and isinstance(image.get("nsfw"), bool)
         ):
             return "an image without a string url, an integer seed and a boolean nsfw"
-        if not _STREAM_PATH.fullmatch(urlsplit(image["url"]).path):
+        if not IMAGE_PATH.fullmatch(urlsplit(image["url"]).path):
             return f"an image url that is not /stream/<id>/<name>.png: {image['url'][:200]!r}"
     return None

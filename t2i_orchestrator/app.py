@@ -18,7 +18,7 @@ from marshmallow import Schema
 import metrics
 from discovery import open_registrar
 from metrics import OrchestratorMetrics
-from t2i_common import __version__
+from t2i_common import IMAGE_ID_PATTERN, IMAGE_NAME_PATTERN, __version__
 from t2i_common.errors import APIError, BadRequest, Middleware, NotFound, Unauthorized, error_middleware
 from t2i_common.logs import prompt_for_log
 from t2i_common.schemas import MAX_SEED, TextToImageRequest, build_request_schema, parse_request
@@ -29,7 +29,7 @@ from .config import OrchestratorConfig
 from .device import DeviceQueue
 from .engine import Generation, InferenceEngine
 from .loras import LoraFetcher, LoraHub
-from .storage import IMAGE_ID_PATTERN, IMAGE_NAME_PATTERN, ImageStore
+from .storage import ImageStore
 
 logger = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from t2i_common.config import (
     limits_from,
     load_options,
     positive,
-    read_secret,
     secret_options,
+    strong_secret,
 )
 from t2i_common.schemas import Limits
 
@@ -167,7 +167,7 @@ def load_config(argv: Sequence[str] | None = None) -> OrchestratorConfig:
         max_queue=values["max_queue"],
         max_batch=values["max_batch"],
         max_loaded_models=values["max_loaded_models"],
-        secret=read_secret(values, "secret"),
+        secret=strong_secret(values, "secret"),
         threads=values["threads"],
         cache_dir=cache_dir,
         lora_dir=values["lora_dir"],

@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING
 import aiofiles
 import aiofiles.os
 
+from t2i_common import IMAGE_ID_PATTERN, IMAGE_NAME_PATTERN
+
 if TYPE_CHECKING:
     from PIL.Image import Image
 
 logger = logging.getLogger(__name__)
 
-IMAGE_ID_PATTERN = "[0-9a-f]{32}"
-IMAGE_NAME_PATTERN = "[0-9a-f]{16}"
 _IMAGE_ID = re.compile(IMAGE_ID_PATTERN)
 _IMAGE_NAME = re.compile(IMAGE_NAME_PATTERN)
 

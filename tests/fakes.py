@@ -120,6 +120,7 @@ class FakeOrchestrator:
         self.busy_report = 0  # in_flight it reports
         self.requests: list[dict[str, object]] = []
         self.headers: list[dict[str, str]] = []
+        self.downloads: list[dict[str, str]] = []  # the headers of each /stream request
         self.image = solid_png(8, 8, 1)
         self.release = asyncio.Event()  # lets a "hang" request go
 
@@ -188,6 +189,7 @@ class FakeOrchestrator:
         return response
 
     async def _stream(self, request: web.Request) -> web.Response:
+        self.downloads.append(dict(request.headers))
         if not self._authorized(request):
             return web.json_response({"detail": {"msg": "no"}}, status=401)
         if request.match_info["id"] != "ab" * 16:

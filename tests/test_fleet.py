@@ -18,6 +18,7 @@ from .services import RedisServer, make_ca
 pytestmark = pytest.mark.slow
 
 HEARTBEAT = ["--heartbeat-interval", "1", "--heartbeat-ttl", "3"]
+TLS_NODE_SECRET = "node-secret-of-the-tls-node-0123456789"
 BODY = {"prompt": "a cool cat on the beach", "width": 64, "height": 64}
 
 
@@ -62,7 +63,11 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Iterat
             logs = folder / f"gateway-{i}"
             logs.mkdir()
             fleet.gateways.append(
-                start("t2i_gateway", ["--registry", redis.url, "--stream-secret", "shared", "--heartbeat-ttl", "3"], logs)
+                start(
+                    "t2i_gateway",
+                    ["--registry", redis.url, "--stream-secret", "shared-stream-secret-of-the-two-gateways", "--heartbeat-ttl", "3"],
+                    logs,
+                )
             )
         for daemon in fleet.nodes + fleet.gateways:
             wait_healthy(daemon)
@@ -212,16 +217,16 @@ async def test_a_node_serving_https_is_verified_by_the_gateway(tmp_path: Path, m
             "--tls-key",
             str(tls.key),
             "--secret",
-            "node-secret",
+            TLS_NODE_SECRET,
         ],
         tmp_path,
         port=port,
     )
     node_url = f"https://127.0.0.1:{port}"
     trusting = start(
-        "t2i_gateway", ["--orchestrator", node_url, "--orchestrator-ca", str(tls.ca), "--orchestrator-secret", "node-secret"], tmp_path
+        "t2i_gateway", ["--orchestrator", node_url, "--orchestrator-ca", str(tls.ca), "--orchestrator-secret", TLS_NODE_SECRET], tmp_path
     )
-    doubting = start("t2i_gateway", ["--orchestrator", node_url, "--orchestrator-secret", "node-secret"], tmp_path)  # system CAs only
+    doubting = start("t2i_gateway", ["--orchestrator", node_url, "--orchestrator-secret", TLS_NODE_SECRET], tmp_path)  # system CAs only
     try:
         wait_healthy(trusting)
         async with aiohttp.ClientSession() as session:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import socket
 import time
 from functools import partial
@@ -20,6 +21,7 @@ from t2i_common.sse import read_events
 from t2i_gateway.app import POOL, create_app
 from t2i_gateway.config import GatewayConfig
 from t2i_gateway.nodes import FAILURES_TO_SUSPEND
+from t2i_gateway.stream_tokens import StreamSigner
 
 from .fakes import FakeOrchestrator
 from .helpers import BODY, ON_DEMAND, MakeGateway, wait_until
@@ -360,6 +362,21 @@ async def test_tampered_and_forged_stream_ids_are_404(make_gateway: MakeGateway)
         assert response.status == 404, candidate
         assert (await response.json())["detail"]["msg"]
     assert (await gateway.client.get(path)).status == 200
+
+
+async def test_stream_ids_name_no_address_and_fetch_only_from_the_fleet(make_gateway: MakeGateway, aiohttp_server: Any) -> None:
+    member, outsider = FakeOrchestrator(secret="fleet-secret"), FakeOrchestrator()
+    gateway = await make_gateway(member, orchestrator_secret="fleet-secret")
+    outside = str((await aiohttp_server(outsider.app())).make_url("")).rstrip("/")
+    token = (await (await gateway.post()).json())["images"][0]["url"].split("/stream/")[1].split("/")[0]
+    payload = base64.urlsafe_b64decode(token.split(".")[0] + "==").decode()
+    assert urlsplit(gateway.url_of(0)).netloc not in payload and "127.0.0.1" not in payload  # no internal address
+    # Whoever holds the stream secret can sign an id for any address: it is never fetched.
+    forged = StreamSigner(b"test-secret", 60).sign(outside, f"/stream/{'ab' * 16}/{'0' * 16}.png")
+    response = await gateway.client.get(f"/stream/{forged}/{'0' * 16}.png")
+    assert response.status == 404 and "left the fleet" in (await response.json())["detail"]["msg"]
+    assert outsider.downloads == []  # not asked, and so never sent the fleet's secret
+    assert gateway.client.app[POOL].auth_headers(outside) == {}
 
 
 async def test_stream_ids_work_on_any_gateway_with_the_same_secret(make_gateway: MakeGateway, aiohttp_client: Any) -> None:

@@ -29,7 +29,7 @@ from .processes import Daemon, start, wait_healthy
 
 pytestmark = pytest.mark.slow
 
-SECRET = "e2e-node-secret"
+SECRET = "e2e-node-secret-0123456789abcdef0123"
 BODY = {"prompt": "a cool cat on the beach", "width": 128, "height": 128, "num_inference_steps": 4}
 
 

@@ -222,18 +222,38 @@ async def test_sweeper_removes_only_expired_image_folders(tmp_path: Path) -> Non
     assert [path.name for path in (tmp_path / young_id).iterdir()] == [f"{young_name}.png"]  # no partial file left
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--secret", "change-me-node-secret"], "--secret is the placeholder from the examples; make a real one: openssl rand -hex 32"),
+        (["--secret", "CHANGE-ME-node-secret-0123456789abcdef"], "--secret is the placeholder from the examples"),
+        (["--secret", "short"], "--secret is 5 characters; use at least 32: openssl rand -hex 32"),
+    ],
+)
+def test_a_placeholder_or_short_secret_stops_the_daemons(argv: list[str], message: str) -> None:
+    from t2i_gateway.config import load_config as load_gateway_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(argv)
+    gateway_argv = ["--orchestrator", "http://n:1", argv[0].replace("--secret", "--stream-secret"), argv[1]]
+    with pytest.raises(ConfigError, match=message.replace("--secret", "--stream-secret")):
+        load_gateway_config(gateway_argv)
+    with pytest.raises(ConfigError, match="--orchestrator-secret is"):
+        load_gateway_config(["--orchestrator", "http://n:1", "--orchestrator-secret", argv[1]])
+
+
 def test_secrets_come_from_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from t2i_gateway.config import load_config as load_gateway_config
 
     secret = tmp_path / "secret"
-    secret.write_text("from-a-file\n")
-    assert load_config(["--secret-file", str(secret)]).secret == "from-a-file"
-    monkeypatch.setenv("T2I_ORCHESTRATOR_SECRET", "from-the-environment")
-    assert load_config([]).secret == "from-the-environment"
+    secret.write_text("from-a-file-0123456789abcdef0123456\n")
+    assert load_config(["--secret-file", str(secret)]).secret == "from-a-file-0123456789abcdef0123456"
+    monkeypatch.setenv("T2I_ORCHESTRATOR_SECRET", "from-the-environment-0123456789abcdef")
+    assert load_config([]).secret == "from-the-environment-0123456789abcdef"
     gateway = load_gateway_config(
         ["--orchestrator", "http://n:1", "--orchestrator-secret-file", str(secret), "--stream-secret-file", str(secret)]
     )
-    assert gateway.orchestrator_secret == gateway.stream_secret == "from-a-file"
+    assert gateway.orchestrator_secret == gateway.stream_secret == "from-a-file-0123456789abcdef0123456"
     (tmp_path / "empty").write_text("")
     with pytest.raises(ConfigError, match="empty"):
         load_config(["--secret-file", str(tmp_path / "empty")])

@@ -14,6 +14,8 @@ from PIL import Image
 
 from .processes import start, wait_healthy
 
+NODE_SECRET = "node-secret-0123456789abcdef0123456"
+
 pytestmark = pytest.mark.slow
 
 
@@ -34,14 +36,14 @@ def node(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Iterato
         "t2i_orchestrator",
         ["--cache-dir", str(model_cache), "--storage-dir", str(logs / "images"), "--threads", "1"],
         logs,
-        {"T2I_ORCHESTRATOR_MAX_QUEUE": "3", "T2I_ORCHESTRATOR_SECRET": "node-secret"},
+        {"T2I_ORCHESTRATOR_MAX_QUEUE": "3", "T2I_ORCHESTRATOR_SECRET": NODE_SECRET},
     )
     wait_healthy(daemon)
     yield daemon.url
     assert daemon.stop() == 0
 
 
-AUTH = {"Authorization": "Bearer node-secret"}
+AUTH = {"Authorization": f"Bearer {NODE_SECRET}"}
 
 
 def test_the_seed_request_returns_a_downloadable_image(node: str) -> None:
