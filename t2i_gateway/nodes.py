@@ -181,12 +181,14 @@ class NodePool:
         self._queue_moved()
         try:
             await asyncio.wait([waiter.future], timeout=timeout_s)
+        except asyncio.CancelledError:  # this very wait was cancelled (its client left)
+            if waiter.future.done():
+                self.release(waiter.future.result())  # granted as it left: the slot goes on, once
+            raise
         finally:
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
                 self._queue_moved()
-            elif waiter.future.done() and asyncio.current_task().cancelling():  # type: ignore[union-attr]
-                self.release(waiter.future.result())  # granted as its client left: give the slot on
         return waiter.future.result() if waiter.future.done() else None
 
     def release(self, node: Node) -> None:

@@ -14,7 +14,6 @@ Every way an attempt can end is one of five outcomes:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -64,8 +63,7 @@ async def attempt(
             request.cancel()  # found down, or our own client went away
     if request in done:
         return request.result()
-    with contextlib.suppress(asyncio.CancelledError):
-        await request
+    await asyncio.wait({request})  # until our cancellation of it is done; a cancellation of ours propagates
     return AttemptResult("failed", reason="the node stopped answering its health probes")
 
 

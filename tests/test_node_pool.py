@@ -268,3 +268,43 @@ async def test_a_fleet_joining_at_once_is_probed_a_bounded_number_at_a_time(aioh
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def test_a_slot_granted_from_the_queue_is_held_once_whatever_cancellations_came_before() -> None:
+    pool = pool_of(1, capacity=1)
+    pool.max_queued = 4
+    [node] = pool.nodes.values()
+    first = await pool.acquire("m/warm", set(), timeout_s=1)
+
+    async def second() -> Node | None:
+        # A cancellation this task caught and got over earlier (as an attempt abandoning a node that was
+        # found down does): it must not make a later, ordinary grant look like one made as it left.
+        asyncio.current_task().cancel()  # type: ignore[union-attr]
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(1)
+        return await pool.acquire("m/warm", set(), timeout_s=5)
+
+    waiting = asyncio.create_task(second())
+    while not pool._waiters:  # noqa: SLF001 - queued behind the first
+        await asyncio.sleep(0)
+    assert first is node
+    pool.release(first)  # granted to the waiting request
+    assert await waiting is node and node.in_flight == 1  # held, once
+    pool.release(node)
+    assert node.in_flight == 0
+
+
+async def test_a_request_that_leaves_as_its_slot_is_granted_gives_it_back_once() -> None:
+    pool = pool_of(1, capacity=1)
+    pool.max_queued = 4
+    [node] = pool.nodes.values()
+    first = await pool.acquire("m/warm", set(), timeout_s=1)
+    waiting = asyncio.create_task(pool.acquire("m/warm", set(), timeout_s=5))
+    while not pool._waiters:  # noqa: SLF001
+        await asyncio.sleep(0)
+    assert first is node
+    pool.release(first)  # granted...
+    waiting.cancel()  # ...and its client leaves in the same turn of the loop
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert node.in_flight == 0 and pool.select("m/warm", set()) is node
