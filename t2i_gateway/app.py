@@ -91,6 +91,7 @@ def create_app(
         probe_timeout_s=config.probe_timeout_s,
         max_queued=config.max_queued,
         max_suspended_share=config.max_suspended_share,
+        remember_s=config.image_ttl_s,
     )
     app[SIGNER] = StreamSigner(stream_secret, config.image_ttl_s)
     app[SCHEMA] = build_request_schema(config.limits)
@@ -304,9 +305,10 @@ async def _generate(
                 expected_images=images,
                 on_event=notify,
             )
+            # Counted before the slot goes back: a node that left is forgotten (its series too) at its release.
+            metrics_.attempts.labels(node.url, last.outcome).inc()
         finally:
             pool.release(node)
-        metrics_.attempts.labels(node.url, last.outcome).inc()
         if last.outcome != "ok":
             logger.info("request %s: attempt on %s: %s %s", trace.request_id, node.url, last.outcome, last.reason)
         if last.outcome == "ok":
@@ -412,11 +414,13 @@ async def stream_image(request: web.Request) -> web.StreamResponse:
 
 def _fleet_node(app: web.Application, target: StreamTarget) -> str | None:
     """The URL of the node a stream id names, if it is in the fleet now: never an address from the id."""
-    keys, nodes = app[NODE_KEYS], app[POOL].nodes
-    if keys.get(target.node_key) not in nodes:  # a node that joined since the last look, or one that left
+    keys, pool = app[NODE_KEYS], app[POOL]
+    url = keys.get(target.node_key)
+    if url is None or not pool.knows(url):  # a node that joined since the last look, or one long gone
         keys.clear()
-        keys.update((app[SIGNER].node_key(url), url) for url in nodes)
-    return keys.get(target.node_key)
+        keys.update((app[SIGNER].node_key(known), known) for known in pool.known_urls())
+        url = keys.get(target.node_key)
+    return url
 
 
 async def _relay(request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:

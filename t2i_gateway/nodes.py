@@ -35,6 +35,7 @@ BUSY_PROBE_S = 1.0
 DISCOVERY_REFRESH_S = 1.0
 DISCOVERY_TIMEOUT_S = 5.0
 MAX_SUSPENSION_S = 60.0
+MAX_DEPARTED = 10_000  # nodes that left, remembered for their images' sake (a churning fleet's are bounded)
 # A node that fails requests while its probes pass is suspended after this many failures in a row (as
 # Envoy's outlier detection, consecutive_5xx): one request, which may be built to fail, never suspends it.
 FAILURES_TO_SUSPEND = 5
@@ -70,6 +71,7 @@ class Node:
     latency_s: float | None = None  # moving average of successful requests
     next_probe: float = 0.0
     reports: bool = False  # its registry passes on its reports: probed only while in use or after a failure
+    leaving: bool = False  # gone from discovery: no new requests; those in flight finish unless it is found down
     reached: bool = False  # a probe of ours succeeded since it joined or last failed: its url, TLS and secret work from here
     # Set when the node is found down; attempts waiting on it give up at once and retry elsewhere.
     down: asyncio.Event = field(default_factory=asyncio.Event)
@@ -101,10 +103,13 @@ class NodePool:
         probe_timeout_s: float = 3.0,
         max_queued: int = 0,
         max_suspended_share: float = 0.5,
+        remember_s: float = 0.0,
     ) -> None:
         self.discovery = discovery
         self.max_queued = max_queued
         self._max_suspended_share = max_suspended_share
+        self._remember_s = remember_s
+        self._departed: dict[str, float] = {}  # url -> until when images may still be fetched from it, oldest first
         self._waiters: deque[_Waiter] = deque()  # requests waiting for a free slot, in arrival order
         self.nodes: dict[str, Node] = {}
         self._metrics = metrics
@@ -195,7 +200,10 @@ class NodePool:
         """This request is done with ``node``: its slot goes to the first waiting request it suits."""
         node.in_flight -= 1
         if not node.in_flight:
-            self._idle[node] = None
+            if node.leaving:
+                self._remove(node)  # its last request has finished there
+            else:
+                self._idle[node] = None
         self._grant()
 
     def _take(self, node: Node) -> Node:
@@ -241,7 +249,7 @@ class NodePool:
         self._idle.clear()  # a node among them may have left or changed its models
         offer: dict[str, tuple[list[Node], list[Node]]] = {}
         for node in self.nodes.values():
-            if node.ready:
+            if node.ready and not node.leaving:
                 for model_id, tier in node.tiers.items():
                     offer.setdefault(model_id, ([], []))[tier].append(node)
         self._offer = offer
@@ -273,7 +281,14 @@ class NodePool:
         return self._default_model
 
     def healthy(self) -> list[Node]:
-        return [node for node in self._unsuspended() if node.ready]
+        return [node for node in self._unsuspended() if node.ready and not node.leaving]
+
+    def knows(self, url: str) -> bool:
+        """In the fleet now, or left it within ``remember_s`` (--image-ttl: its images may still be there)."""
+        return url in self.nodes or self._departed.get(url, 0.0) > time.monotonic()
+
+    def known_urls(self) -> list[str]:
+        return [url for url in (*self.nodes, *self._departed) if self.knows(url)]
 
     def _unsuspended(self) -> list[Node]:
         now = time.monotonic()
@@ -382,24 +397,42 @@ class NodePool:
         endpoints = {endpoint.url: endpoint for endpoint in self.discovery.snapshot()}
         if endpoints.keys() != self.nodes.keys():
             self._stale = True
-        for url in list(self.nodes):
-            if url not in endpoints:
-                logger.info("orchestrator %s left discovery", url)
-                self.nodes.pop(url).down.set()
-                self._metrics.forget_orchestrator(url)  # or a churning fleet grows the series without bound
+        for gone in [node for url, node in self.nodes.items() if url not in endpoints and not node.leaving]:
+            # Leaving is draining: no new requests; those in flight finish there unless a probe finds it down.
+            logger.info("orchestrator %s left discovery (%d request(s) of ours finish there)", gone.url, gone.in_flight)
+            gone.leaving = True
+            self._stale = True
+            if not gone.in_flight:
+                self._remove(gone)
         for url, endpoint in endpoints.items():
-            if url not in self.nodes:
+            known = self.nodes.get(url)
+            if known is None:
                 logger.info("orchestrator %s joined discovery", url)
                 self.nodes[url] = Node(endpoint)
-            elif self.nodes[url].endpoint != endpoint:
-                self.nodes[url].endpoint = endpoint
+                self._departed.pop(url, None)
+            else:
+                known.endpoint = endpoint
+                if known.leaving:
+                    known.leaving, self._stale = False, True  # back before its last request had finished
         now = time.monotonic()
         for url, report in self.discovery.take_reports().items():
-            node = self.nodes.get(url)
-            if node is not None:
-                self._reported(node, report, now)
+            reporting = self.nodes.get(url)
+            if reporting is not None:
+                self._reported(reporting, report, now)
         if self._waiters:
             self._grant()
+
+    def _remove(self, node: Node) -> None:
+        if self.nodes.get(node.url) is not node:
+            return
+        del self.nodes[node.url]
+        self._idle.pop(node, None)
+        self._stale = True
+        self._metrics.forget_orchestrator(node.url)  # or a churning fleet grows the series without bound
+        now = time.monotonic()
+        self._departed[node.url] = now + self._remember_s
+        while self._departed and (len(self._departed) > MAX_DEPARTED or next(iter(self._departed.values())) <= now):
+            del self._departed[next(iter(self._departed))]
 
     def _reported(self, node: Node, report: dict[str, Any], now: float) -> None:
         """A report the node published through the registry: as good as a probe, if a little older."""
@@ -540,7 +573,7 @@ def _most_free(nodes: list[Node], exclude: set[str], now: float) -> Node | None:
 
 
 def _usable(node: Node, exclude: set[str], now: float) -> bool:
-    return node.ready and now >= node.suspended_until and not (exclude and node.url in exclude)
+    return node.ready and not node.leaving and now >= node.suspended_until and not (exclude and node.url in exclude)
 
 
 def retry_after_s(nodes: list[Node]) -> int:

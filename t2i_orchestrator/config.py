@@ -144,9 +144,10 @@ def load_config(argv: Sequence[str] | None = None) -> OrchestratorConfig:
     register = registry_settings(values, "register")
     if register and not values["advertise_url"]:
         raise ConfigError("--register needs --advertise-url: the URL gateways should use to reach this node")
+    advertise_url = None
     if values["advertise_url"]:
-        try:
-            normalize_url(values["advertise_url"])
+        try:  # stored as checked: the registry entry, its reports and its leave must all name one URL
+            advertise_url = normalize_url(values["advertise_url"])
         except ValueError as exc:
             raise ConfigError(f"--advertise-url: {exc}") from None
     if register and register.is_redis and values["heartbeat_ttl"] <= values["heartbeat_interval"]:
@@ -175,7 +176,7 @@ def load_config(argv: Sequence[str] | None = None) -> OrchestratorConfig:
         lora_max_bytes=int(values["lora_max_mb"] * 2**20),
         lora_fetch_timeout_s=values["lora_fetch_timeout"],
         safety_checker=None if values["safety_checker"].lower() == "none" else values["safety_checker"],
-        advertise_url=values["advertise_url"].rstrip("/") if values["advertise_url"] else None,
+        advertise_url=advertise_url,
         node_id=values["node_id"] or f"{socket.gethostname()}:{values['port']}",
         limits=limits_from(values),
         register=register,

@@ -593,3 +593,50 @@ async def test_both_sides_of_a_wrong_size_are_named_once(make_gateway: MakeGatew
 
     joined = InvalidFields([(p["loc"][1], p["msg"], p["type"]) for p in livepeer["detail"]]).message
     assert joined == "width: Must be a multiple of 8, got 100; height: Must be a multiple of 8, got 90."
+
+
+class ChangingDiscovery:
+    """A fake discovery whose set of nodes a test changes."""
+
+    def __init__(self, endpoints: list[Endpoint]) -> None:
+        self.endpoints = endpoints
+
+    def snapshot(self) -> tuple[Endpoint, ...]:
+        return tuple(self.endpoints)
+
+    def take_reports(self) -> dict[str, dict[str, Any]]:
+        return {}
+
+    def problem(self) -> str | None:
+        return None
+
+    async def refresh(self) -> bool:
+        return False
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_a_node_that_leaves_discovery_finishes_what_it_has_and_takes_no_more(aiohttp_client: Any, aiohttp_server: Any) -> None:
+    leaving, staying = FakeOrchestrator(capacity=8), FakeOrchestrator()  # the leaving one looks freer: used first
+    leaving.mode = "hold"
+    urls = [str((await aiohttp_server(fake.app())).make_url("")).rstrip("/") for fake in (leaving, staying)]
+    discovery = ChangingDiscovery([Endpoint(url) for url in urls])
+    metrics = GatewayMetrics(CollectorRegistry())
+    app = create_app(GatewayConfig(), discovery=discovery, stream_secret=b"test-secret", metrics_=metrics)
+    client = await aiohttp_client(app)
+    pool = app[POOL]
+    await wait_until(lambda: len(pool.healthy()) == 2)
+    in_flight = asyncio.create_task(client.post("/text-to-image", json=BODY))
+    await wait_until(lambda: len(leaving.requests) == 1)
+    discovery.endpoints = [Endpoint(urls[1])]  # removed from the registry while it generates
+    await wait_until(lambda: pool.nodes[urls[0]].leaving)
+    assert (await client.post("/text-to-image", json=BODY)).status == 200 and len(staying.requests) == 1  # no new work
+    leaving.release.set()
+    answer = await in_flight
+    assert answer.status == 200 and (len(leaving.requests), len(staying.requests)) == (1, 1)  # finished there, not run again
+    assert urls[0] not in pool.nodes  # forgotten once its last request ended...
+    attempts = {"orchestrator": urls[0], "outcome": "ok"}
+    assert metrics.registry.get_sample_value("t2i_gateway_attempts_total", attempts) is None  # ...its series too
+    image = urlsplit((await answer.json())["images"][0]["url"]).path
+    assert (await client.get(image)).status == 200  # its images stay downloadable for --image-ttl

@@ -312,3 +312,8 @@ async def test_the_sweep_empties_and_removes_an_earlier_versions_per_port_folder
     assert await store.sweep() == 1
     assert not (tmp_path / "41234").exists()  # emptied, then removed
     assert (tmp_path / "41235" / young_id).is_dir() and (tmp_path / "41236" / "not-ours").is_dir()
+
+
+def test_the_advertised_url_is_stored_as_checked() -> None:
+    # What the registry entry, the reports and the leave carry: one spelling, the one gateways use.
+    assert load_config(["--advertise-url", " http://10.0.0.5:8936/ "]).advertise_url == "http://10.0.0.5:8936"
