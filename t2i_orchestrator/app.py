@@ -79,6 +79,7 @@ def create_app(
         config.lora_dir,
         hub_policy=config.lora_hub,
         max_bytes=config.lora_max_bytes,
+        cache_bytes=config.lora_cache_bytes,
         timeout_s=config.lora_fetch_timeout_s,
         hub=lora_hub,
     )

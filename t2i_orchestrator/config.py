@@ -70,6 +70,12 @@ OPTIONS = (
         default="cached",
     ),
     Option("lora-max-mb", "largest LoRA download, in MB", type=positive(float), default=512.0),
+    Option(
+        "lora-cache-mb",
+        "LoRAs this node downloaded are kept to this many MB in the Hugging Face cache, the least recently used removed first",
+        type=positive(float),
+        default=4096.0,
+    ),
     Option("lora-fetch-timeout", "seconds a request waits for a LoRA download", type=positive(float), default=120.0),
     Option(
         "safety-checker",
@@ -111,6 +117,7 @@ class OrchestratorConfig:
     lora_dir: Path | None = None
     lora_hub: str = "cached"
     lora_max_bytes: int = 512 * 2**20
+    lora_cache_bytes: int = 4 * 2**30
     lora_fetch_timeout_s: float = 120.0
     safety_checker: str | None = SAFETY_CHECKER_ID  # None: no shared checker
     advertise_url: str | None = None
@@ -174,6 +181,7 @@ def load_config(argv: Sequence[str] | None = None) -> OrchestratorConfig:
         lora_dir=values["lora_dir"],
         lora_hub=values["lora_hub"],
         lora_max_bytes=int(values["lora_max_mb"] * 2**20),
+        lora_cache_bytes=int(values["lora_cache_mb"] * 2**20),
         lora_fetch_timeout_s=values["lora_fetch_timeout"],
         safety_checker=None if values["safety_checker"].lower() == "none" else values["safety_checker"],
         advertise_url=advertise_url,

@@ -20,22 +20,30 @@ class FakeHub:
         self.sizes = sizes
         self.in_cache: set[str] = set()
         self.downloads: list[str] = []
+        self.revisions: list[str] = []  # the revision each download asked for
+        self.deleted: list[tuple[str, str]] = []
+        self.head = "rev-1"  # the repositories' current revision
         self.gate = threading.Event()
         self.gate.set()
 
     def cached(self, repo_id: str) -> Path | None:
         return self.root / repo_id if repo_id in self.in_cache else None
 
-    def size(self, repo_id: str) -> int:
+    def size(self, repo_id: str) -> tuple[int, str]:
         if repo_id not in self.sizes:
             raise LookupError(repo_id)
-        return self.sizes[repo_id]
+        return self.sizes[repo_id], self.head
 
-    def download(self, repo_id: str) -> Path:
+    def download(self, repo_id: str, revision: str) -> Path:
         self.downloads.append(repo_id)
+        self.revisions.append(revision)
         self.gate.wait(10)
         self.in_cache.add(repo_id)
         return self.root / repo_id
+
+    def delete(self, repo_id: str, revision: str) -> None:
+        self.deleted.append((repo_id, revision))
+        self.in_cache.discard(repo_id)
 
 
 @pytest.fixture
@@ -89,7 +97,8 @@ async def test_concurrent_requests_for_one_lora_download_it_once(hub: FakeHub) -
     hub.gate.clear()
     loras = fetcher(hub, hub_policy="on")
     waiting = [asyncio.create_task(loras.resolve((("nerijs/pixel-art-xl", 1.0),))) for _ in range(5)]
-    await asyncio.sleep(0.05)
+    while not hub.downloads:  # started; the others join it, or find it in the cache once it is done
+        await asyncio.sleep(0.005)
     hub.gate.set()
     results = await asyncio.gather(*waiting)
     assert len(set(results)) == 1 and hub.downloads == ["nerijs/pixel-art-xl"]
@@ -132,3 +141,61 @@ async def test_a_slow_download_is_a_400_and_goes_on_in_the_background(hub: FakeH
         await asyncio.sleep(0.01)
     await loras.resolve((("nerijs/pixel-art-xl", 1.0),))
     assert hub.downloads == ["nerijs/pixel-art-xl"]
+
+
+async def test_the_revision_whose_size_was_checked_is_the_one_downloaded(hub: FakeHub) -> None:
+    hub.gate.clear()
+    loras = fetcher(hub, hub_policy="on")
+    fetching = asyncio.create_task(loras.resolve((("nerijs/pixel-art-xl", 1.0),)))
+    while not hub.downloads:
+        await asyncio.sleep(0.005)
+    hub.head = "rev-2-much-larger"  # the repository moves on between the size check and the download
+    hub.gate.set()
+    await fetching
+    assert hub.revisions == ["rev-1"]
+
+
+def test_the_size_counts_every_file_a_download_takes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    import huggingface_hub
+
+    from t2i_orchestrator.loras import HuggingFaceHub
+
+    files = [("lora.safetensors", 100), ("adapter_config.json", 7 * 2**20), ("model.bin", 10**9), ("README.md", 50)]
+    info = SimpleNamespace(sha="abc123", siblings=[SimpleNamespace(rfilename=name, size=size) for name, size in files])
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda self, repo_id, files_metadata: info)
+    assert HuggingFaceHub().size("someone/lora") == (100 + 7 * 2**20, "abc123")  # a large .json counts; the pickle is never taken
+
+
+async def test_what_the_node_downloaded_is_kept_to_its_cache_size_least_recently_used_first(hub: FakeHub) -> None:
+    hub.sizes = {"a/one": 2**20, "b/two": 2**20, "c/three": 2**20}
+    loras = fetcher(hub, hub_policy="on", cache_bytes=int(2.5 * 2**20))
+    for repo in ("a/one", "b/two"):
+        await loras.resolve(((repo, 1.0),))
+    await loras.resolve((("a/one", 1.0),))  # used again: b/two is now the least recently used
+    await loras.resolve((("c/three", 1.0),))
+    assert hub.deleted == [("b/two", "rev-1")] and hub.in_cache == {"a/one", "c/three"}
+
+
+async def test_local_loras_are_never_stuck_behind_downloads_and_downloads_are_bounded(tmp_path: Path, hub: FakeHub) -> None:
+    import threading
+
+    from t2i_common.errors import ServiceUnavailable
+    from t2i_orchestrator.loras import DOWNLOADS_AT_ONCE, MAX_PENDING_DOWNLOADS
+
+    (tmp_path / "loras" / "style").mkdir(parents=True)
+    hub.sizes = {f"user/lora-{i}": 2**20 for i in range(MAX_PENDING_DOWNLOADS + 1)}
+    hub.gate.clear()  # every download hangs
+    loras = fetcher(hub, tmp_path / "loras", hub_policy="on")
+    pending = [asyncio.create_task(loras.resolve(((f"user/lora-{i}", 1.0),))) for i in range(MAX_PENDING_DOWNLOADS)]
+    while len(hub.downloads) < DOWNLOADS_AT_ONCE:
+        await asyncio.sleep(0.005)
+    assert await loras.resolve((("style", 0.5),)) == ((str((tmp_path / "loras" / "style").resolve()), 0.5),)
+    with pytest.raises(ServiceUnavailable, match="downloading 16 LoRAs already"):
+        await loras.resolve(((f"user/lora-{MAX_PENDING_DOWNLOADS}", 1.0),))
+    assert len(hub.downloads) == DOWNLOADS_AT_ONCE  # at most this many at a time
+    assert all(thread.daemon for thread in threading.enumerate() if thread.name == "t2i-lora-download")  # exit never waits
+    hub.gate.set()
+    await asyncio.gather(*pending)
+    assert len(hub.downloads) == MAX_PENDING_DOWNLOADS
