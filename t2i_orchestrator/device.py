@@ -18,7 +18,7 @@ import contextlib
 import math
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -44,10 +44,11 @@ class BatchPolicy:
     """
 
     RETRY_EVERY = 32
+    MAX_SHAPES = 256  # shapes are the clients' choice: the least recently used are forgotten beyond
 
     def __init__(self, max_batch: int) -> None:
         self.max_batch = max_batch
-        self._per_image: dict[Hashable, dict[int, float]] = {}
+        self._per_image: OrderedDict[Hashable, dict[int, float]] = OrderedDict()
         self._decisions: dict[Hashable, int] = {}
 
     def limit(self, shape: Hashable) -> int:
@@ -55,6 +56,7 @@ class BatchPolicy:
         seen = self._per_image.get(shape, {})
         if self.max_batch == 1 or 1 not in seen:
             return 1  # first the cost of one image alone
+        self._per_image.move_to_end(shape)
         decisions = self._decisions[shape] = self._decisions.get(shape, 0) + 1
         best = 1
         for size in BATCH_SIZES[1:]:
@@ -73,8 +75,12 @@ class BatchPolicy:
     def record(self, shape: Hashable, images: int, seconds: float) -> None:
         size = max(s for s in BATCH_SIZES if s <= images)
         seen = self._per_image.setdefault(shape, {})
+        self._per_image.move_to_end(shape)
         per_image = seconds / images
         seen[size] = per_image if size not in seen else 0.7 * seen[size] + 0.3 * per_image
+        while len(self._per_image) > self.MAX_SHAPES:
+            forgotten, _ = self._per_image.popitem(last=False)
+            self._decisions.pop(forgotten, None)
 
 
 class _Entry:

@@ -165,3 +165,14 @@ def test_the_policy_learns_whether_batching_pays() -> None:
     policy.record(large, 2, 2.4)  # slower per image: batching does not pay at this size
     assert [policy.limit(large) for _ in range(BatchPolicy.RETRY_EVERY)] == [1] * (BatchPolicy.RETRY_EVERY - 1) + [2]  # then once more
     assert BatchPolicy(max_batch=1).limit(shape) == 1
+
+
+def test_the_batch_policy_remembers_a_bounded_number_of_shapes() -> None:
+    policy = BatchPolicy(max_batch=8)
+    kept = ("m", 64, 64, 1)
+    policy.record(kept, 1, 1.0)
+    for width in range(BatchPolicy.MAX_SHAPES + 100):  # sizes a client chose, one request each
+        policy.record(("m", 64 + 8 * width, 64, 1), 1, 1.0)
+        policy.limit(kept)  # in use all along: never the least recently used
+    assert len(policy._per_image) == BatchPolicy.MAX_SHAPES and len(policy._decisions) <= BatchPolicy.MAX_SHAPES  # noqa: SLF001
+    assert kept in policy._per_image  # noqa: SLF001
