@@ -6,6 +6,9 @@ one each time), and ``setup`` serves that registry at ``GET /metrics``.
 
 from __future__ import annotations
 
+import socket
+from collections.abc import AsyncIterator, Callable
+
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.aiohttp import make_aiohttp_handler
@@ -132,3 +135,19 @@ class GatewayMetrics:
 def setup(app: web.Application, registry: CollectorRegistry) -> None:
     """Serve ``registry`` at ``GET /metrics``."""
     app.router.add_get("/metrics", make_aiohttp_handler(registry))
+
+
+def listener(sockets: list[socket.socket], registry: CollectorRegistry) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A cleanup context that serves ``GET /metrics`` alone on ``sockets`` (an operators' port) while the app runs."""
+
+    async def serve_metrics(app: web.Application) -> AsyncIterator[None]:
+        metrics_app = web.Application()
+        setup(metrics_app, registry)
+        runner = web.AppRunner(metrics_app, access_log=None)
+        await runner.setup()
+        for sock in sockets:
+            await web.SockSite(runner, sock).start()
+        yield
+        await runner.cleanup()
+
+    return serve_metrics

@@ -9,13 +9,14 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
+import metrics
 from discovery import CombinedDiscovery, Discovery, Endpoint, StaticDiscovery, open_discovery
 from metrics import GatewayMetrics
 from t2i_common import logs
 from t2i_common.config import ConfigError
 from t2i_common.server import base_url, listening_sockets, serve, tls_context
 
-from .app import create_app
+from .app import METRICS, create_app
 from .config import GatewayConfig, load_config
 from .local import LocalOrchestrator
 
@@ -46,9 +47,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         logs.configure(config.log_level)
         ssl_context = tls_context(config.tls_cert, config.tls_key) if config.tls_cert and config.tls_key else None
         sockets = listening_sockets(config.host, config.port)  # first: a port in use starts nothing
+        metrics_sockets = listening_sockets(config.metrics_host, config.metrics_port) if config.metrics_port is not None else []
         app = build_app(config)
     except ConfigError as exc:
         sys.exit(f"t2i-gateway: {exc}")
+    if metrics_sockets:
+        app.cleanup_ctx.append(metrics.listener(metrics_sockets, app[METRICS].registry))
     url = base_url(sockets[0], ssl_context)
     hello = f"the playground: {url}/ in a browser; the API: POST {url}/text-to-image, {url}/v1/images/generations"
     if config.local_orchestrator:

@@ -68,7 +68,8 @@ OPENAI = web.AppKey("openai", openai_api.OpenAIRequests)
 STREAM_SLOTS = web.AppKey("stream_slots", asyncio.Semaphore)  # --max-streams
 NODE_KEYS = web.AppKey("node_keys", dict[str, str])  # StreamSigner.node_key -> url, of nodes known now
 GENERATION_PATHS = frozenset({"/text-to-image", "/text-to-image/", "/v1/images/generations"})
-KEYED_PATHS = GENERATION_PATHS | {"/v1/models"}
+# Where an API key is needed when keys are set: the API, and what shows the fleet (nodes' addresses, errors).
+KEYED_PATHS = GENERATION_PATHS | {"/v1/models", "/models", "/orchestrators"}
 
 
 def create_app(
@@ -110,7 +111,8 @@ def create_app(
     app.router.add_get("/openapi.json", openapi)
     app.router.add_post("/v1/images/generations", openai_generations)
     app.router.add_get("/v1/models", openai_models)
-    metrics.setup(app, app[METRICS].registry)
+    if config.metrics_port is None:  # else on its own listener (t2i_gateway.__main__)
+        metrics.setup(app, app[METRICS].registry)
     return app
 
 

@@ -92,6 +92,8 @@ OPTIONS = (
     ),
     Option("probe-timeout", "seconds a /capabilities probe may take before the node counts as down", type=positive(float), default=3.0),
     Option("default-model", "model for requests that name none (default: the model warm on most orchestrators)"),
+    Option("metrics-port", "serve GET /metrics on this port alone (for operators), not on the public one", type=int),
+    Option("metrics-host", "address of --metrics-port", default="127.0.0.1"),
     Option("tls-cert", "certificate file (PEM): serve HTTPS", type=Path),
     Option("tls-key", "private key file (PEM) for --tls-cert", type=Path),
     *LIMIT_OPTIONS,
@@ -126,6 +128,8 @@ class GatewayConfig:
     probe_interval_s: float = 5.0
     probe_timeout_s: float = 3.0
     default_model: str | None = None
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
     tls_cert: Path | None = None
     tls_key: Path | None = None
     limits: Limits = field(default_factory=Limits)
@@ -191,6 +195,8 @@ def load_config(argv: Sequence[str] | None = None) -> GatewayConfig:
         probe_interval_s=values["probe_interval"],
         probe_timeout_s=values["probe_timeout"],
         default_model=values["default_model"],
+        metrics_port=values["metrics_port"],
+        metrics_host=values["metrics_host"],
         tls_cert=values["tls_cert"],
         tls_key=values["tls_key"],
         limits=limits_from(values),

@@ -259,6 +259,11 @@ async def test_api_keys_are_enforced(make_gateway: MakeGateway) -> None:
         assert response.status == 401
         assert "API key" in (await response.json())["detail"]["msg"]
     assert (await gateway.post(headers={"Authorization": "Bearer key-2"})).status == 200
+    for path in ("/orchestrators", "/models", "/v1/models"):  # nodes' addresses and errors: for key holders only
+        assert (await gateway.client.get(path)).status == 401, path
+        assert (await gateway.client.get(path, headers={"Authorization": "Bearer key-1"})).status == 200, path
+    for path in ("/health", "/metrics", "/openapi.json", "/"):
+        assert (await gateway.client.get(path)).status == 200, path
 
 
 async def test_slow_bodies_without_a_key_take_no_slot_and_a_slow_body_gets_408(make_gateway: MakeGateway) -> None:

@@ -9,12 +9,13 @@ import ssl
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from .processes import start, wait_healthy
+from .processes import free_port, start, wait_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -118,3 +119,23 @@ def test_tls_serves_https(tmp_path: Path) -> None:
             raise AssertionError(gateway.log.read_text())
     finally:
         gateway.stop()
+
+
+def test_metrics_can_have_a_listener_of_their_own(tmp_path: Path) -> None:
+    metrics_port = free_port()
+    gateway = start("t2i_gateway", ["--orchestrator", "http://127.0.0.1:9", "--metrics-port", str(metrics_port)], tmp_path)
+    try:
+        for _ in range(100):  # until it listens (it answers /health 503 without a node)
+            try:
+                urllib.request.urlopen(f"{gateway.url}/health", timeout=2)
+            except urllib.error.HTTPError:
+                break
+            except OSError:
+                time.sleep(0.1)
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(f"{gateway.url}/metrics", timeout=5)
+        assert caught.value.code == 404  # not on the public port
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
+            assert b"t2i_gateway_requests_total" in response.read()
+    finally:
+        assert gateway.stop() == 0
