@@ -128,6 +128,7 @@ class DeviceQueue:
         self.max_queue = max_queue
         self.node_id = node_id
         self.running = 0  # requests in the call on the device now
+        self.left = 0  # requests whose client left while they waited or ran (counted as it is noticed)
         self.policy = BatchPolicy(max_batch)
         self._engine = engine
         self._queue: deque[_Entry] = deque()
@@ -183,6 +184,7 @@ class DeviceQueue:
             return await asyncio.shield(entry.future)
         except asyncio.CancelledError:
             entry.stop.set()
+            self.left += 1
             if entry in self._queue:
                 self._queue.remove(entry)
                 self._queue_moved()

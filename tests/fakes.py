@@ -36,6 +36,7 @@ class FakeEngine:
         self.loads: list[str] = []
         self.gate = threading.Event()
         self.gate.set()
+        self.gates: dict[int, threading.Event] = {}  # seed -> the gate its generation waits on instead
         self.started = threading.Event()
         self.stopped = threading.Event()  # set when a generation noticed should_stop
         self.start_error: Exception | None = None  # raised by start()
@@ -79,7 +80,8 @@ class FakeEngine:
         for step in range(1, steps + 1):
             if on_step:
                 on_step(step, steps)
-        while not self.gate.wait(0.01):
+        gate = self.gates.get(seed, self.gate)
+        while not gate.wait(0.01):
             if should_stop():
                 self.stopped.set()
                 raise GenerationCancelled()

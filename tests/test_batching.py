@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Hashable
 from typing import Any
 
@@ -98,15 +99,15 @@ async def test_a_client_that_leaves_a_batch_does_not_fail_the_others(make_client
         leaving = asyncio.create_task(session.post(client.make_url("/text-to-image"), json=body(10)))
         staying = asyncio.create_task(client.post("/text-to-image", json=body(20)))
         await wait_until(lambda: client.app[DEVICE].waiting == 2)
+        held = engine.gates[10] = threading.Event()  # the batch of 10 and 20 will wait on the device
         engine.started.clear()
         engine.gate.set()
         await blocker
-        engine.gate.clear()
         await asyncio.to_thread(engine.started.wait, 5)  # the batch of 10 and 20 is on the device
         leaving.cancel()
         await session.close()  # the connection closes: the server cancels that handler
-        await asyncio.sleep(0.1)
-        engine.gate.set()
+        await wait_until(lambda: client.app[DEVICE].left == 1)  # noticed while its batch runs
+        held.set()
         response = await staying
         assert response.status == 200 and (await response.json())["images"][0]["seed"] == 20
         assert engine.batches[-1] == [10, 20] and not engine.stopped.is_set()  # the call went on for the one left

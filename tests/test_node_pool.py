@@ -244,11 +244,16 @@ def test_a_malformed_report_is_ignored() -> None:
 
 async def test_a_fleet_joining_at_once_is_probed_a_bounded_number_at_a_time(aiohttp_server: Any) -> None:
     waiting: list[str] = []
+    at_once = peak = 0
     answer = asyncio.Event()
 
     async def capabilities(request: web.Request) -> web.Response:  # a fake fleet: one server, a node per path
+        nonlocal at_once, peak
         waiting.append(request.match_info["node"])
+        at_once += 1
+        peak = max(peak, at_once)
         await answer.wait()
+        at_once -= 1
         return web.json_response(report())
 
     app = web.Application()
@@ -260,14 +265,13 @@ async def test_a_fleet_joining_at_once_is_probed_a_bounded_number_at_a_time(aioh
         task = asyncio.create_task(pool.run(session))
         while len(waiting) < MAX_PROBES_AT_ONCE:
             await asyncio.sleep(0.01)
-        await asyncio.sleep(0.3)  # several turns of the pool's loop: no more are started meanwhile
-        assert len(waiting) == MAX_PROBES_AT_ONCE
         answer.set()
         while len(pool.healthy()) < len(pool.nodes):  # then the rest, in turn
             await asyncio.sleep(0.01)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+    assert peak == MAX_PROBES_AT_ONCE  # never more at once, though all of them joined together
 
 
 async def test_a_slot_granted_from_the_queue_is_held_once_whatever_cancellations_came_before() -> None:

