@@ -199,3 +199,54 @@ def test_a_vae_left_upcast_by_an_out_of_memory_decode_is_put_back(engine: Any, m
 def test_any_prompt_text_generates(engine: Any, prompt: str) -> None:
     [image] = generate(engine, prompt=prompt, negative_prompt=prompt)
     assert image.picture.size == (64, 64)
+
+
+async def test_the_real_engine_batches_only_what_may_share_a_call(engine: Any, lora_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real ``batch_key``, through the real device queue: a LoRA request never shares a call with a
+    plain one, nor do requests whose guidance, negative prompt or safety check differ."""
+    import threading
+
+    from t2i_orchestrator.device import DeviceQueue
+    from t2i_orchestrator.engine import Generation
+
+    from .test_batching import FakeAlwaysBatch
+
+    calls: list[list[int]] = []
+    real_batch = engine.generate_batch
+
+    def recording(generations: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append([g.seed for g in generations])
+        return real_batch(generations, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "generate_batch", recording)
+    queue = DeviceQueue(OrchestratorMetrics(CollectorRegistry()), engine, max_queue=16, max_batch=8)
+    queue.policy = FakeAlwaysBatch(8)  # type: ignore[assignment]
+    hold = threading.Event()
+    try:
+        busy = asyncio.create_task(queue.run(lambda stop: hold.wait(30), label="hold"))  # the device is busy meanwhile
+        lora = ((str(lora_dir / "tiny-style"), 1.0),)
+        variants = {
+            1: {},
+            2: {"loras": lora},
+            3: {},
+            4: {"guidance_scale": 9.0},
+            5: {"negative_prompt": "blurry"},
+            6: {"loras": lora},
+            7: {"safety_check": False},
+        }
+        jobs = [
+            asyncio.create_task(
+                queue.generate(Generation(TextToImageRequest(prompt=f"p{seed}", width=64, height=64, **fields), DEMO_MODEL_ID, seed))
+            )
+            for seed, fields in variants.items()
+        ]
+        while queue.waiting < len(jobs):
+            await asyncio.sleep(0.01)
+        hold.set()
+        await busy
+        await asyncio.gather(*jobs)
+    finally:
+        hold.set()
+        await queue.close()
+    together = {frozenset(call) for call in calls}
+    assert together == {frozenset({1, 3}), frozenset({2, 6}), frozenset({4}), frozenset({5}), frozenset({7})}
