@@ -225,7 +225,7 @@ async def test_the_real_engine_batches_only_what_may_share_a_call(engine: Any, l
     try:
         busy = asyncio.create_task(queue.run(lambda stop: hold.wait(30), label="hold"))  # the device is busy meanwhile
         lora = ((str(lora_dir / "tiny-style"), 1.0),)
-        variants = {
+        variants: dict[int, dict[str, Any]] = {
             1: {},
             2: {"loras": lora},
             3: {},
