@@ -12,6 +12,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from discovery import RegistrySettings
+from discovery.redis_registry import RedisRegistry
+
 from .processes import Daemon, free_port, start, wait_healthy
 from .services import RedisServer, make_ca
 
@@ -19,6 +22,7 @@ pytestmark = pytest.mark.slow
 
 HEARTBEAT = ["--heartbeat-interval", "1", "--heartbeat-ttl", "3"]
 TLS_NODE_SECRET = "node-secret-of-the-tls-node-0123456789"
+REDIS_PASSWORD = "the-fleet's-redis-password"  # the fleet's Redis speaks TLS only and wants this password
 BODY = {"prompt": "a cool cat on the beach", "width": 64, "height": 64}
 
 
@@ -45,16 +49,21 @@ class Fleet:
             self.redis.url,
             "--advertise-url",
             f"http://127.0.0.1:{port}",
+            "--registry-ca",
+            str(self.redis.tls.ca),
             *HEARTBEAT,
             *extra,
         ]
-        return start("t2i_orchestrator", args, logs, port=port)
+        return start("t2i_orchestrator", args, logs, {"T2I_ORCHESTRATOR_REGISTRY_PASSWORD": REDIS_PASSWORD}, port=port)
+
+    def registry(self) -> RedisRegistry:
+        return RedisRegistry(RegistrySettings(self.redis.url, password=REDIS_PASSWORD, ca=self.redis.tls.ca))
 
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Iterator[Fleet]:
     folder = tmp_path_factory.mktemp("fleet")
-    redis = RedisServer(folder)
+    redis = RedisServer(folder, password=REDIS_PASSWORD, tls=make_ca(folder / "tls", "redis"))
     redis.start()
     fleet = Fleet(redis, [], [], folder, model_cache)
     try:
@@ -65,8 +74,18 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Iterat
             fleet.gateways.append(
                 start(
                     "t2i_gateway",
-                    ["--registry", redis.url, "--stream-secret", "shared-stream-secret-of-the-two-gateways", "--heartbeat-ttl", "3"],
+                    [
+                        "--registry",
+                        redis.url,
+                        "--registry-ca",
+                        str(redis.tls.ca),
+                        "--stream-secret",
+                        "shared-stream-secret-of-the-two-gateways",
+                        "--heartbeat-ttl",
+                        "3",
+                    ],
                     logs,
+                    {"T2I_GATEWAY_REGISTRY_PASSWORD": REDIS_PASSWORD},
                 )
             )
         for daemon in fleet.nodes + fleet.gateways:
@@ -173,9 +192,6 @@ async def test_a_killed_node_leaves_every_gateway_within_its_ttl_and_no_request_
 
 
 async def test_redis_down_for_10_s_fails_no_request_and_restarted_empty_gets_every_node_back(fleet: Fleet) -> None:
-    from discovery import RegistrySettings
-    from discovery.redis_registry import RedisRegistry
-
     async with aiohttp.ClientSession() as session, Load(fleet.gateways) as load:
         fleet.redis.stop()
         down_until = time.monotonic() + 10
@@ -185,7 +201,7 @@ async def test_redis_down_for_10_s_fails_no_request_and_restarted_empty_gets_eve
                     assert response.status == 200
             await asyncio.sleep(0.5)
         fleet.redis.start()  # empty: no persistence
-        registry = RedisRegistry(RegistrySettings(fleet.redis.url))
+        registry = fleet.registry()
         try:
             while len((await registry.read())[1]) < len(fleet.nodes):  # their next heartbeats put them back
                 await asyncio.sleep(0.1)
