@@ -1,9 +1,11 @@
 """The fault suite: a bounded client load through a gateway while nodes die, hang and answer garbage.
 
 Three real orchestrators (demo model) and a garbage node behind one gateway. During the load node A
-is SIGKILLed, node B is SIGSTOPped (hangs) and later resumed, and the garbage node answers malformed
-JSON, wrong types, truncated bodies and 500s throughout. Node C stays healthy, so every request must
-succeed. Prints the figures; exits 1 if any request failed.
+is SIGKILLed, node B is SIGSTOPped (hangs) for longer than any timeout (until the gateway's probe has
+found it down and more requests have been served meanwhile) and then resumed, and the garbage node
+answers malformed JSON, wrong types, truncated bodies and 500s throughout. Node C stays healthy, so
+every request must succeed. Prints the figures; exits 1 if any request failed or the hang was never
+detected.
 
     .venv/bin/python -m bench.fault_suite --requests 200 --concurrency 8
 """
@@ -18,6 +20,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import aiohttp
 
 from .common import Results, launch, metric, post_many, wait_healthy
 
@@ -45,7 +49,8 @@ async def run(requests: int, concurrency: int, cache_dir: Path | None, workdir: 
     )
     try:
         await asyncio.gather(*(wait_healthy(p) for p in [*nodes, gateway]))
-        await asyncio.sleep(1.5)  # let the gateway see every node
+        while len(await healthy(gateway.url)) < len(nodes) + 1:  # the gateway sees every node
+            await asyncio.sleep(0.1)
         results = Results()
         started = time.monotonic()
         load = asyncio.create_task(post_many(gateway.url, BODY, requests, concurrency, results))
@@ -59,7 +64,12 @@ async def run(requests: int, concurrency: int, cache_dir: Path | None, workdir: 
         a.signal(signal.SIGKILL)
         await at(0.4)
         b.signal(signal.SIGSTOP)
-        await at(0.7)
+        while b.url in await healthy(gateway.url) and not load.done():  # hung past the probe timeout: found down
+            await asyncio.sleep(0.1)
+        hang_detected = b.url not in await healthy(gateway.url)
+        found_down_at = len(results.statuses)
+        await at((found_down_at + 2 * concurrency) / requests)  # served around it, before it resumes
+        served_while_hung = len(results.statuses) - found_down_at
         b.signal(signal.SIGCONT)
         await load
         elapsed = time.monotonic() - started
@@ -67,6 +77,8 @@ async def run(requests: int, concurrency: int, cache_dir: Path | None, workdir: 
             "sent": requests,
             "succeeded": results.count(200),
             "failed": requests - results.count(200),
+            "hang_detected": int(hang_detected),
+            "served_while_hung": served_while_hung,
             "retried": await metric(gateway.url, "t2i_gateway_retries_total"),
             "p50_s": results.percentile(50),
             "p99_s": results.percentile(99),
@@ -76,6 +88,12 @@ async def run(requests: int, concurrency: int, cache_dir: Path | None, workdir: 
     finally:
         for process in [gateway, garbage, *nodes]:
             process.stop()
+
+
+async def healthy(gateway_url: str) -> set[str]:
+    """The nodes the gateway sees as healthy now."""
+    async with aiohttp.ClientSession() as session, session.get(f"{gateway_url}/orchestrators") as response:
+        return {node["url"] for node in (await response.json())["orchestrators"] if node["healthy"]}
 
 
 def main() -> None:
@@ -92,7 +110,7 @@ def main() -> None:
     else:
         for name, value in figures.items():
             print(f"{name:>15}: {value:.3f}" if isinstance(value, float) else f"{name:>15}: {value}")
-    sys.exit(1 if figures["failed"] else 0)
+    sys.exit(1 if figures["failed"] or not figures["hang_detected"] else 0)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ def test_fault_suite_loses_no_request(model_cache: Path) -> None:
     figures = run_bench("bench.fault_suite", "--requests", "200", "--concurrency", "8", "--cache-dir", str(model_cache))
     assert figures["sent"] == figures["succeeded"] == 200 and figures["failed"] == 0
     assert figures["retried"] > 0  # the faults really were met, and absorbed
+    assert figures["hang_detected"] == 1 and figures["served_while_hung"] > 0  # hung past every timeout, served around
 
 
 def test_backpressure_refuses_quickly_with_bounded_memory(model_cache: Path) -> None:
