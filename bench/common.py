@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
 import resource
 import shutil
@@ -57,6 +58,19 @@ def free_port() -> int:
     raise RuntimeError("no free loopback port below the ephemeral range")
 
 
+# With blockbuster on in the daemons (the tests set T2I_BLOCKBUSTER: tests/blockbuster_site), those whose
+# log shows a blocking call on their event loop; the bench then exits 1, whatever its figures.
+BLOCKED: list[Path] = []
+
+
+@atexit.register
+def _fail_on_blocking_calls() -> None:
+    if BLOCKED:
+        sys.stderr.write(f"a blocking call on a daemon's event loop: see {', '.join(map(str, BLOCKED))}\n")
+        sys.stderr.flush()
+        os._exit(1)  # the exit status is the point: after main() has returned, only this sets it
+
+
 @dataclass
 class Process:
     """A daemon started on loopback, with its log file."""
@@ -74,10 +88,13 @@ class Process:
         self.signal(signal.SIGCONT)
         self.signal(signal.SIGTERM)
         try:
-            return self.process.wait(timeout=30)
+            code = self.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.process.kill()
-            return self.process.wait()
+            code = self.process.wait()
+        if os.environ.get("T2I_BLOCKBUSTER") and self.log.exists() and "BlockingError" in self.log.read_text(errors="replace"):
+            BLOCKED.append(self.log)
+        return code
 
     def peak_rss_mib(self) -> float:
         """The process's peak resident memory (VmHWM), in MiB."""

@@ -10,7 +10,7 @@ from pathlib import Path
 from bench.common import Process as Daemon
 from bench.common import free_port, launch
 
-__all__ = ["PRODUCT", "STARTED", "Daemon", "free_port", "start", "wait_healthy"]
+__all__ = ["PRODUCT", "STARTED", "Daemon", "blockbuster_env", "free_port", "start", "wait_healthy"]
 
 # The project's own packages, checked by blockbuster in the tests and in the daemons they start: file
 # I/O, time.sleep or a blocking lock called from them on a running event loop fails the test (as
@@ -24,11 +24,16 @@ STARTED: list[Daemon] = []  # every daemon started, whose log the blockbuster fi
 def start(module: str, args: list[str], log_dir: Path, env: dict[str, str] | None = None, port: int | None = None) -> Daemon:
     """``python -m module args`` on loopback, with blockbuster on in it (see ``blockbuster_site``)."""
     port = port or free_port()
-    path = os.pathsep.join(filter(None, [str(BLOCKBUSTER_SITE), os.environ.get("PYTHONPATH")]))
-    env = {"PYTHONPATH": path, "T2I_BLOCKBUSTER": ",".join(PRODUCT), **(env or {})}
-    daemon = launch(["-m", module, *args], log_dir, f"{module}-{port}", env, port)
+    daemon = launch(["-m", module, *args], log_dir, f"{module}-{port}", {**blockbuster_env(), **(env or {})}, port)
     STARTED.append(daemon)
     return daemon
+
+
+def blockbuster_env() -> dict[str, str]:
+    """The environment that turns blockbuster on in a process the tests start, and in the daemons it
+    starts in turn (a bench's, which then exits 1 on a blocking call: ``bench.common.BLOCKED``)."""
+    path = os.pathsep.join(filter(None, [str(BLOCKBUSTER_SITE), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, "T2I_BLOCKBUSTER": ",".join(PRODUCT)}
 
 
 def wait_healthy(daemon: Daemon, timeout: float = 90) -> None:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from .processes import blockbuster_env
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,6 +58,7 @@ def test_the_fleet_bench_prints_every_row_and_a_summary_of_finite_figures() -> N
         capture_output=True,
         text=True,
         timeout=120,
+        env=blockbuster_env(),
     )
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()

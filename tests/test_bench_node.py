@@ -9,11 +9,13 @@ import sys
 
 import pytest
 
+from .processes import blockbuster_env
+
 pytestmark = pytest.mark.slow
 
 
 def bench(*args: str) -> str:
-    done = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=240)
+    done = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=240, env=blockbuster_env())
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from .processes import blockbuster_env
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -17,7 +19,7 @@ NUMBER = r"[-+]?\d+(?:\.\d+)?"
 
 
 def run_bench(*args: str, timeout: float) -> list[str]:
-    result = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=blockbuster_env())
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout.splitlines()
 

@@ -15,13 +15,15 @@ import pytest
 
 from .fakes import FakeOrchestrator
 from .helpers import MakeClient, MakeGateway
-from .processes import start, wait_healthy
+from .processes import blockbuster_env, start, wait_healthy
 
 pytestmark = pytest.mark.slow
 
 
 def run_bench(module: str, *args: str) -> dict[str, float]:
-    done = subprocess.run([sys.executable, "-m", module, "--json", *args], capture_output=True, text=True, timeout=400)
+    done = subprocess.run(
+        [sys.executable, "-m", module, "--json", *args], capture_output=True, text=True, timeout=400, env=blockbuster_env()
+    )
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     print(module, json.dumps(figures, indent=1))
     assert done.returncode == 0, (figures, done.stderr[-3000:])

@@ -176,7 +176,11 @@ def test_the_daemons_that_tests_start_fail_on_a_blocking_call(tmp_path: Path) ->
         "from discovery.registry import read_registry\n"
         "async def main():\n"
         "    await asyncio.to_thread(read_registry, Path(sys.argv[1]))  # off the loop: fine\n"
-        "    read_registry(Path(sys.argv[1]))  # on it: raises\n"
+        "    try:\n"
+        "        read_registry(Path(sys.argv[1]))  # on it: raises...\n"
+        "    except Exception:\n"
+        "        pass  # ...and a handler that swallows it does not hide it\n"
+        "    read_registry(Path(sys.argv[1]))\n"
         "asyncio.run(main())\n"
     )
     result = subprocess.run(
@@ -187,3 +191,36 @@ def test_the_daemons_that_tests_start_fail_on_a_blocking_call(tmp_path: Path) ->
         timeout=60,
     )
     assert result.returncode == 1 and "BlockingError: Blocking call to io.TextIOWrapper.read" in result.stderr, result.stderr
+    assert result.stderr.count("(announced as raised)") == 2  # the swallowed one too
+
+
+def test_a_bench_whose_daemon_blocked_its_loop_exits_1(tmp_path: Path) -> None:
+    """The daemons a bench starts run with blockbuster too, when the tests run the bench: a blocking call
+    in one fails the bench, whatever its figures (``bench.common.BLOCKED``)."""
+    from .processes import blockbuster_env
+
+    registry = tmp_path / "registry.json"
+    register(registry, "http://127.0.0.1:1", heartbeat=False)
+    daemon = (
+        "import asyncio, sys\n"
+        "from pathlib import Path\n"
+        "from discovery.registry import read_registry\n"
+        "async def main():\n"
+        "    try:\n"
+        f"        read_registry(Path({str(registry)!r}))  # on the loop\n"
+        "    except Exception:\n"
+        "        pass\n"
+        "asyncio.run(main())\n"
+    )
+    bench = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from bench.common import launch\n"
+        f"daemon = launch(['-c', {daemon!r}], Path({str(tmp_path)!r}), 'daemon')\n"
+        "daemon.process.wait(60)  # it has run its course\n"
+        "daemon.stop()\n"
+        "print('figures: all fine')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", bench], env=blockbuster_env(), capture_output=True, text=True, timeout=60)
+    assert "figures: all fine" in result.stdout
+    assert result.returncode == 1 and "a blocking call on a daemon's event loop" in result.stderr, result.stderr
