@@ -71,6 +71,10 @@ class StrictBoolean(fields.Boolean):
         return value
 
 
+# The shape of ``loras``, as far as a pattern can say it: empty, or a JSON object (the rest is checked when parsed).
+LORAS_PATTERN = r"^\s*(\{[\s\S]*\})?\s*$"
+
+
 class _Loras(fields.String):
     """A JSON object in a string (Livepeer's format), loaded as ``((lora_id, weight), ...)``."""
 
@@ -106,13 +110,19 @@ def build_request_schema(limits: Limits) -> Schema:
             strict=True,
             load_default=512,
             validate=validate.Range(min=limits.min_size, max=limits.max_size),
-            metadata={"description": "Image width in pixels, a multiple of 8.", "multipleOf": 8},
+            metadata={
+                "description": f"Image width in pixels, a multiple of 8; width x height x num_images_per_prompt at most {limits.max_pixels}.",
+                "multipleOf": 8,
+            },
         )
         height = fields.Integer(
             strict=True,
             load_default=512,
             validate=validate.Range(min=limits.min_size, max=limits.max_size),
-            metadata={"description": "Image height in pixels, a multiple of 8.", "multipleOf": 8},
+            metadata={
+                "description": f"Image height in pixels, a multiple of 8; width x height x num_images_per_prompt at most {limits.max_pixels}.",
+                "multipleOf": 8,
+            },
         )
         guidance_scale = fields.Float(
             load_default=None,
@@ -147,12 +157,16 @@ def build_request_schema(limits: Limits) -> Schema:
             strict=True,
             load_default=1,
             validate=validate.Range(min=1, max=limits.max_images),
-            metadata={"description": "How many images to generate."},
+            metadata={"description": f"How many images to generate; width x height x num_images_per_prompt at most {limits.max_pixels}."},
         )
         loras = _Loras(
             limits,
             load_default="",  # not deserialized: _to_request turns it into no LoRAs
-            metadata={"description": 'LoRA adapters as a JSON object in a string: `{"repo/id": weight}`.'},
+            metadata={
+                "description": f'LoRA adapters as a JSON object in a string: `{{"repo/id": weight}}`, at most {limits.max_loras}, '
+                f"each weight 0 to {limits.max_lora_weight}; empty for none.",
+                "pattern": LORAS_PATTERN,
+            },
         )
 
         @validates_schema(skip_on_field_errors=False)

@@ -55,6 +55,13 @@ def _image_generation_schema(limits: Limits) -> Schema:
         size = fields.String(
             load_default="auto",
             validate=validate.Regexp(r"^(auto|[0-9]{1,5}x[0-9]{1,5})$", error="Must be 'auto' or WIDTHxHEIGHT such as '512x512'."),
+            # The document states the real rule: each side a multiple of 8 within the limits (the
+            # check above is looser, so that a wrong side gets a message that names it).
+            metadata={
+                "pattern": f"^(auto|{_sides(limits)}x{_sides(limits)})$",
+                "description": f"'auto' or WIDTHxHEIGHT, each a multiple of 8 from {limits.min_size} to {limits.max_size}; "
+                f"width x height x n at most {limits.max_pixels}.",
+            },
         )
         response_format = fields.String(load_default="url", validate=validate.OneOf(("url", "b64_json")))
         quality = fields.String(
@@ -73,6 +80,11 @@ def _image_generation_schema(limits: Limits) -> Schema:
         safety_check = livepeer["safety_check"]
 
     return ImageGenerationSchema()
+
+
+def _sides(limits: Limits) -> str:
+    """A regular expression for the multiples of 8 from min_size to max_size."""
+    return "(" + "|".join(str(side) for side in range(-(-limits.min_size // 8) * 8, limits.max_size + 1, 8)) + ")"
 
 
 def _parse_size(text: str) -> tuple[int, int] | None:

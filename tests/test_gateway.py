@@ -429,6 +429,18 @@ async def test_openapi_document_is_valid_and_matches_validation(make_gateway: Ma
     assert params["required"] == ["prompt"] and params["additionalProperties"] is False
     assert params["properties"]["width"]["multipleOf"] == 8
     assert set(document["paths"]["/text-to-image"]["post"]["responses"]) >= {"200", "400", "401", "422", "503"}
+    # The rules that a pattern can state are stated, and agree with what the gateway accepts.
+    import re
+
+    auth = {"Authorization": "Bearer k"}
+    size = re.compile(document["components"]["schemas"]["OpenAIImageGenerationParams"]["properties"]["size"]["pattern"])
+    loras = re.compile(params["properties"]["loras"]["pattern"])
+    for value in ("64x64", "500x500", "64x2056", "56x64", "auto", "64x64x"):
+        response = await gateway.client.post("/v1/images/generations", json={"prompt": "a", "size": value}, headers=auth)
+        assert bool(size.search(value)) == (response.status == 200), (value, response.status)
+    for value in ("", '{"style": 0.5}', "style", "[1]"):
+        assert bool(loras.search(value)) == (value in ("", '{"style": 0.5}')), value
+    assert "at most 4194304" in params["properties"]["num_images_per_prompt"]["description"]  # the pixel budget, in words
 
 
 async def test_metrics_and_orchestrator_view(make_gateway: MakeGateway) -> None:
