@@ -5,13 +5,16 @@
 With the gateway's wait queue (``--max-queued 64``) every request of the burst should get its image, in
 about the time the node needs for them all; with ``--max-queued 0`` (no waiting) the gateway refuses what
 does not fit at once, as before. Prints both, and the time the node itself needs for the same requests
-(sent to it directly, as many at a time as it holds: its capacity).
+(sent to it directly, as many at a time as it holds: its capacity), and a verdict: with waiting, every
+request served (else the run fails, exit 1) in at most ``GOAL_RATIO`` times the node's own time (a
+missed speed goal is reported, not an error).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -20,6 +23,8 @@ from pathlib import Path
 import aiohttp
 
 from .common import Results, launch, post_many, wait_healthy
+
+GOAL_RATIO = 1.25
 
 
 async def _burst(gateway: str, requests: int, size: int) -> tuple[Counter[int], float]:
@@ -90,10 +95,16 @@ def main(argv: list[str] | None = None) -> None:
         other = sum(n for status, n in statuses.items() if status not in (200, 503))
         print(f"| --max-queued {max_queued} | {statuses[200]} | {statuses[503]} | {other} | {seconds:.2f} s |")
     (_, waited, took), (_, refused, _) = results
+    all_served = waited[200] == args.requests
+    fast = took / node_alone <= GOAL_RATIO
     print(
         f"summary: with waiting {waited[200]}/{args.requests} served in {took:.2f} s ({took / node_alone:.2f}x the node alone); "
-        f"with --max-queued 0, {refused[200]}/{args.requests} served"
+        f"with --max-queued 0, {refused[200]}/{args.requests} served; "
+        f"goals: every request served with waiting: {'met' if all_served else 'MISSED'}, "
+        f"at most {GOAL_RATIO}x the node alone: {'met' if fast else 'MISSED'}"
     )
+    if not all_served:
+        sys.exit(f"bench.burst: with waiting, {args.requests - waited[200]} of {args.requests} requests were not served")
 
 
 if __name__ == "__main__":
