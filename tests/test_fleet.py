@@ -175,6 +175,30 @@ async def test_both_gateways_spread_over_every_node_and_serve_each_others_images
             assert response.status == 200 and (await response.read()).startswith(b"\x89PNG")
 
 
+async def test_a_node_removed_from_the_registry_while_generating_finishes_the_job_itself(fleet: Fleet) -> None:
+    long_job = {**BODY, "width": 384, "height": 384, "num_inference_steps": 40}
+    gateway = fleet.gateways[0]
+    async with aiohttp.ClientSession() as session:
+        served_before = {node.url: await _requests_served(session, node) for node in fleet.nodes}
+        job = asyncio.create_task(session.post(f"{gateway.url}/text-to-image", json=long_job))
+        busy: list[Daemon] = []
+        while not busy:  # until the node the gateway sent it to has it in hand
+            for node in fleet.nodes:
+                async with session.get(f"{node.url}/capabilities") as answer:
+                    busy += [node] if (await answer.json())["in_flight"] else []
+        [node] = busy
+        registry = fleet.registry()
+        try:
+            assert await registry.leave(node.url)  # as t2i-register --remove does, while it generates
+        finally:
+            await registry.close()
+        response = await job
+        assert response.status == 200
+        served = {other.url: await _requests_served(session, other) - served_before[other.url] for other in fleet.nodes}
+    assert served == {other.url: float(other is node) for other in fleet.nodes}  # finished there, never run again elsewhere
+    await _until_gateways_see(fleet, {other.url for other in fleet.nodes})  # its next heartbeat puts it back
+
+
 async def test_a_killed_node_leaves_every_gateway_within_its_ttl_and_no_request_fails(fleet: Fleet) -> None:
     doomed = fleet.start_node("doomed")
     try:
