@@ -409,6 +409,8 @@ async def stream_image(request: web.Request) -> web.StreamResponse:
         with app[METRICS].streams.track_inprogress():
             try:
                 async with app[SESSION].get(f"{node_url}{target.path}", headers=headers, timeout=timeout) as upstream:
+                    if upstream.status in (401, 403) and not headers:  # a node that left, asked without its secret
+                        raise NotFound("Image not found: the orchestrator that made it has left the fleet.")
                     return await _relay(request, upstream)
             except (aiohttp.ClientError, TimeoutError) as exc:
                 raise BadGateway(f"The orchestrator holding this image cannot be reached ({type(exc).__name__}).") from exc
