@@ -60,9 +60,9 @@ async def run(requests: int, concurrency: int, cache_dir: Path | None, workdir: 
                 await asyncio.sleep(0.01)
 
         a, b, _ = nodes
-        await at(0.2)
+        await at(0.1)
         a.signal(signal.SIGKILL)
-        await at(0.4)
+        await at(0.2)  # early: most of the load is still to come while it hangs, on any machine
         b.signal(signal.SIGSTOP)
         while b.url in await healthy(gateway.url) and not load.done():  # hung past the probe timeout: found down
             await asyncio.sleep(0.1)

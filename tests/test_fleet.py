@@ -183,6 +183,7 @@ async def test_a_node_removed_from_the_registry_while_generating_finishes_the_jo
         job = asyncio.create_task(session.post(f"{gateway.url}/text-to-image", json=long_job))
         busy: list[Daemon] = []
         while not busy:  # until the node the gateway sent it to has it in hand
+            await asyncio.sleep(0.05)
             for node in fleet.nodes:
                 async with session.get(f"{node.url}/capabilities") as answer:
                     busy += [node] if (await answer.json())["in_flight"] else []
