@@ -36,13 +36,14 @@ def blockbuster_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path, "T2I_BLOCKBUSTER": ",".join(PRODUCT)}
 
 
-def wait_healthy(daemon: Daemon, timeout: float = 90) -> None:
+def wait_healthy(daemon: Daemon, timeout: float = 90, path: str = "/health") -> None:
+    """Until ``GET path`` answers 200 (``/health``: ready; another path: listening)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if daemon.process.poll() is not None:
             break
         try:
-            with urllib.request.urlopen(f"{daemon.url}/health", timeout=2) as response:
+            with urllib.request.urlopen(f"{daemon.url}{path}", timeout=2) as response:
                 if response.status == 200:
                     return
         except OSError:

@@ -209,6 +209,7 @@ async def test_the_real_engine_batches_only_what_may_share_a_call(engine: Any, l
     from t2i_orchestrator.device import DeviceQueue
     from t2i_orchestrator.engine import Generation
 
+    from .helpers import wait_until
     from .test_batching import FakeAlwaysBatch
 
     calls: list[list[int]] = []
@@ -240,8 +241,7 @@ async def test_the_real_engine_batches_only_what_may_share_a_call(engine: Any, l
             )
             for seed, fields in variants.items()
         ]
-        while queue.waiting < len(jobs):
-            await asyncio.sleep(0.01)
+        await wait_until(lambda: queue.waiting == len(jobs))
         hold.set()
         await busy
         await asyncio.gather(*jobs)

@@ -14,6 +14,7 @@ import pytest
 
 from discovery import RegistrySettings
 from discovery.redis_registry import RedisRegistry
+from t2i_common.sse import read_events
 
 from .processes import Daemon, free_port, start, wait_healthy
 from .services import RedisServer, make_ca
@@ -120,6 +121,7 @@ class Load:
         self.gateways = gateways
         self.concurrency = concurrency
         self.statuses: list[int] = []
+        self._answer = asyncio.Condition()  # notified at each answer
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -134,12 +136,14 @@ class Load:
             async with self._session.post(f"{gateway.url}/text-to-image", json=BODY) as response:
                 await response.read()
                 self.statuses.append(response.status)
+            async with self._answer:
+                self._answer.notify_all()
 
     async def answered(self, count: int) -> None:
         """Until ``count`` more requests have been answered."""
         target = len(self.statuses) + count
-        while len(self.statuses) < target:
-            await asyncio.sleep(0.05)
+        async with self._answer:
+            await self._answer.wait_for(lambda: len(self.statuses) >= target)
 
     async def __aexit__(self, *exc: object) -> None:
         self._stop.set()
@@ -180,21 +184,20 @@ async def test_a_node_removed_from_the_registry_while_generating_finishes_the_jo
     gateway = fleet.gateways[0]
     async with aiohttp.ClientSession() as session:
         served_before = {node.url: await _requests_served(session, node) for node in fleet.nodes}
-        job = asyncio.create_task(session.post(f"{gateway.url}/text-to-image", json=long_job))
-        busy: list[Daemon] = []
-        while not busy:  # until the node the gateway sent it to has it in hand
-            await asyncio.sleep(0.05)
-            for node in fleet.nodes:
-                async with session.get(f"{node.url}/capabilities") as answer:
-                    busy += [node] if (await answer.json())["in_flight"] else []
-        [node] = busy
+        response = await session.post(f"{gateway.url}/text-to-image", json=long_job, headers={"Accept": "text/event-stream"})
+        events = read_events(response.content)
+        async for event, data in events:
+            if event == "progress":  # generating, on the node the "started" event named
+                break
+            if event == "started":
+                [node] = [other for other in fleet.nodes if other.url == data["node"]]
         registry = fleet.registry()
         try:
             assert await registry.leave(node.url)  # as t2i-register --remove does, while it generates
         finally:
             await registry.close()
-        response = await job
-        assert response.status == 200
+        rest = [event async for event, _ in events]
+        assert rest[-1] == "result" and "retry" not in rest
         served = {other.url: await _requests_served(session, other) - served_before[other.url] for other in fleet.nodes}
     assert served == {other.url: float(other is node) for other in fleet.nodes}  # finished there, never run again elsewhere
     await _until_gateways_see(fleet, {other.url for other in fleet.nodes})  # its next heartbeat puts it back

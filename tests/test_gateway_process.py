@@ -125,13 +125,7 @@ def test_metrics_can_have_a_listener_of_their_own(tmp_path: Path) -> None:
     metrics_port = free_port()
     gateway = start("t2i_gateway", ["--orchestrator", "http://127.0.0.1:9", "--metrics-port", str(metrics_port)], tmp_path)
     try:
-        for _ in range(100):  # until it listens (it answers /health 503 without a node)
-            try:
-                urllib.request.urlopen(f"{gateway.url}/health", timeout=2)
-            except urllib.error.HTTPError:
-                break
-            except OSError:
-                time.sleep(0.1)
+        wait_healthy(gateway, path="/openapi.json")  # listening (without a node it is never ready)
         with pytest.raises(urllib.error.HTTPError) as caught:
             urllib.request.urlopen(f"{gateway.url}/metrics", timeout=5)
         assert caught.value.code == 404  # not on the public port

@@ -25,6 +25,16 @@ class FakeHub:
         self.head = "rev-1"  # the repositories' current revision
         self.gate = threading.Event()
         self.gate.set()
+        self._started = threading.Condition()  # notified as each download starts
+
+    async def started(self, count: int = 1) -> None:
+        """Until ``count`` downloads have started (they run in threads of their own)."""
+
+        def wait() -> None:
+            with self._started:
+                self._started.wait_for(lambda: len(self.downloads) >= count)
+
+        await asyncio.to_thread(wait)
 
     def cached(self, repo_id: str) -> Path | None:
         return self.root / repo_id if repo_id in self.in_cache else None
@@ -35,7 +45,9 @@ class FakeHub:
         return self.sizes[repo_id], self.head
 
     def download(self, repo_id: str, revision: str) -> Path:
-        self.downloads.append(repo_id)
+        with self._started:
+            self.downloads.append(repo_id)
+            self._started.notify_all()
         self.revisions.append(revision)
         self.gate.wait(10)
         self.in_cache.add(repo_id)
@@ -97,8 +109,7 @@ async def test_concurrent_requests_for_one_lora_download_it_once(hub: FakeHub) -
     hub.gate.clear()
     loras = fetcher(hub, hub_policy="on")
     waiting = [asyncio.create_task(loras.resolve((("nerijs/pixel-art-xl", 1.0),))) for _ in range(5)]
-    while not hub.downloads:  # started; the others join it, or find it in the cache once it is done
-        await asyncio.sleep(0.005)
+    await hub.started()  # the others join it, or find it in the cache once it is done
     hub.gate.set()
     results = await asyncio.gather(*waiting)
     assert len(set(results)) == 1 and hub.downloads == ["nerijs/pixel-art-xl"]
@@ -147,8 +158,7 @@ async def test_the_revision_whose_size_was_checked_is_the_one_downloaded(hub: Fa
     hub.gate.clear()
     loras = fetcher(hub, hub_policy="on")
     fetching = asyncio.create_task(loras.resolve((("nerijs/pixel-art-xl", 1.0),)))
-    while not hub.downloads:
-        await asyncio.sleep(0.005)
+    await hub.started()
     hub.head = "rev-2-much-larger"  # the repository moves on between the size check and the download
     hub.gate.set()
     await fetching
@@ -189,8 +199,7 @@ async def test_local_loras_are_never_stuck_behind_downloads_and_downloads_are_bo
     hub.gate.clear()  # every download hangs
     loras = fetcher(hub, tmp_path / "loras", hub_policy="on")
     pending = [asyncio.create_task(loras.resolve(((f"user/lora-{i}", 1.0),))) for i in range(MAX_PENDING_DOWNLOADS)]
-    while len(hub.downloads) < DOWNLOADS_AT_ONCE:
-        await asyncio.sleep(0.005)
+    await hub.started(DOWNLOADS_AT_ONCE)
     assert await loras.resolve((("style", 0.5),)) == ((str((tmp_path / "loras" / "style").resolve()), 0.5),)
     with pytest.raises(ServiceUnavailable, match="downloading 16 LoRAs already"):
         await loras.resolve(((f"user/lora-{MAX_PENDING_DOWNLOADS}", 1.0),))
