@@ -91,6 +91,7 @@ class _Loras(fields.String):
 
 def build_request_schema(limits: Limits) -> Schema:
     """A schema instance for ``limits``; ``load`` returns a ``TextToImageRequest``."""
+    budget = f"width x height x num_images_per_prompt at most {limits.max_pixels}"  # checked in _check_combination
 
     class TextToImageSchema(Schema):
         class Meta:
@@ -111,7 +112,7 @@ def build_request_schema(limits: Limits) -> Schema:
             load_default=512,
             validate=validate.Range(min=limits.min_size, max=limits.max_size),
             metadata={
-                "description": f"Image width in pixels, a multiple of 8; width x height x num_images_per_prompt at most {limits.max_pixels}.",
+                "description": f"Image width in pixels, a multiple of 8; {budget}.",
                 "multipleOf": 8,
             },
         )
@@ -120,7 +121,7 @@ def build_request_schema(limits: Limits) -> Schema:
             load_default=512,
             validate=validate.Range(min=limits.min_size, max=limits.max_size),
             metadata={
-                "description": f"Image height in pixels, a multiple of 8; width x height x num_images_per_prompt at most {limits.max_pixels}.",
+                "description": f"Image height in pixels, a multiple of 8; {budget}.",
                 "multipleOf": 8,
             },
         )
@@ -157,7 +158,7 @@ def build_request_schema(limits: Limits) -> Schema:
             strict=True,
             load_default=1,
             validate=validate.Range(min=1, max=limits.max_images),
-            metadata={"description": f"How many images to generate; width x height x num_images_per_prompt at most {limits.max_pixels}."},
+            metadata={"description": f"How many images to generate; {budget}."},
         )
         loras = _Loras(
             limits,

@@ -44,6 +44,7 @@ def render_error(error: APIError) -> web.Response:
 def _image_generation_schema(limits: Limits) -> Schema:
     # The Livepeer fields OpenAI lacks come with the Livepeer schema's own types and bounds.
     livepeer = type(build_request_schema(limits)).__dict__["_declared_fields"]
+    side = _sides(limits)
 
     class ImageGenerationSchema(Schema):
         class Meta:
@@ -58,7 +59,7 @@ def _image_generation_schema(limits: Limits) -> Schema:
             # The document states the real rule: each side a multiple of 8 within the limits (the
             # check above is looser, so that a wrong side gets a message that names it).
             metadata={
-                "pattern": f"^(auto|{_sides(limits)}x{_sides(limits)})$",
+                "pattern": f"^(auto|{side}x{side})$",
                 "description": f"'auto' or WIDTHxHEIGHT, each a multiple of 8 from {limits.min_size} to {limits.max_size}; "
                 f"width x height x n at most {limits.max_pixels}.",
             },
