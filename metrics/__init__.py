@@ -107,6 +107,25 @@ class GatewayMetrics:
         )
         self.stream_bytes = Counter("stream_bytes", "Image bytes proxied through /stream.", namespace=ns, registry=self.registry)
         self.streams = Gauge("streams", "Image downloads (/stream) being served now.", namespace=ns, registry=self.registry)
+        self.stored_images = Counter(
+            "stored_images", "Images moved from their node into the image store (--image-store).", namespace=ns, registry=self.registry
+        )
+        self.store_seconds = Histogram(
+            "store_seconds",
+            "Time to move a request's images from the node into the image store.",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            namespace=ns,
+            registry=self.registry,
+        )
+        self.store_fallbacks = Counter(
+            "store_fallbacks",
+            "Requests answered with the node's image urls because the image store failed or was too slow (--store-timeout).",
+            namespace=ns,
+            registry=self.registry,
+        )
+        self.store_errors = Counter(
+            "store_errors", "Image-store failures, by operation (put, get, sweep).", ["operation"], namespace=ns, registry=self.registry
+        )
         self.registry_errors = Counter(
             "registry_errors",
             "Registry problems: registry file versions rejected, Redis registry outages (the last good set was kept).",

@@ -13,9 +13,11 @@ from typing import Any
 
 from marshmallow import Schema, ValidationError, fields, post_load, validate, validates_schema
 
+from . import IMAGE_FORMATS
 from .errors import BadRequest, InvalidFields, UnsupportedMediaType
 
 MAX_SEED = 2**32 - 1
+DEFAULT_QUALITY = 90  # of JPEG and WebP, when output_compression is absent
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +50,8 @@ class TextToImageRequest:
     num_inference_steps: int | None = None
     num_images_per_prompt: int = 1
     loras: tuple[tuple[str, float], ...] = field(default=())
+    output_format: str = "png"
+    output_compression: int | None = None  # JPEG and WebP quality; None: DEFAULT_QUALITY
 
 
 # pydantic-style type names in 422 details, for clients written against the Livepeer runner.
@@ -169,10 +173,23 @@ def build_request_schema(limits: Limits) -> Schema:
                 "pattern": LORAS_PATTERN,
             },
         )
+        output_format = fields.String(
+            load_default="png",
+            validate=validate.OneOf(tuple(IMAGE_FORMATS), error=f"Must be one of {', '.join(IMAGE_FORMATS)}."),
+            metadata={"description": "The images' file format (OpenAI's name for it); the stream url ends with it."},
+        )
+        output_compression = fields.Integer(
+            strict=True,
+            load_default=None,
+            validate=validate.Range(min=0, max=100),
+            metadata={"description": f"JPEG and WebP quality, 0 to 100 (absent: {DEFAULT_QUALITY}); PNG is lossless and takes none."},
+        )
 
         @validates_schema(skip_on_field_errors=False)
         def _check_combination(self, data: dict[str, Any], **_: Any) -> None:
             errors: dict[str, str] = {}
+            if data.get("output_format") == "png" and data.get("output_compression") is not None:
+                errors["output_compression"] = "Applies to jpeg and webp only: PNG is lossless; leave it out or ask for jpeg or webp."
             for name in ("width", "height"):
                 if isinstance(data.get(name), int) and data[name] % 8:
                     errors[name] = f"Must be a multiple of 8, got {data[name]}."
@@ -196,6 +213,8 @@ def build_request_schema(limits: Limits) -> Schema:
 def to_body(request: TextToImageRequest) -> dict[str, Any]:
     """The request as a Livepeer API body (what a gateway forwards to a node): what is None left out."""
     body = {name: value for name, value in asdict(request).items() if value is not None and name != "loras"}
+    if request.output_format == "png":
+        del body["output_format"]  # the default, left out: a node of an earlier version knows no such field
     if request.loras:
         body["loras"] = json.dumps(dict(request.loras))
     return body

@@ -57,7 +57,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     hello = f"the playground: {url}/ in a browser; the API: POST {url}/text-to-image, {url}/v1/images/generations"
     if config.local_orchestrator:
         hello += "; the local orchestrator is loading its model (GET /health answers 200 once it is ready)"
-    asyncio.run(serve(app, sockets, grace_s=config.shutdown_grace_s, ssl_context=ssl_context, hello=hello))
+    try:
+        asyncio.run(serve(app, sockets, grace_s=config.shutdown_grace_s, ssl_context=ssl_context, hello=hello))
+    except ConfigError as exc:  # found at start: an image store that cannot be used
+        sys.exit(f"t2i-gateway: {exc}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -27,11 +26,9 @@ from metrics import GatewayMetrics
 from t2i_common import DEMO_MODEL_ID
 from t2i_common.errors import (
     APIError,
-    BadGateway,
     BadRequest,
     GatewayTimeout,
     Handler,
-    NotFound,
     RequestTimeout,
     ServiceUnavailable,
     Unauthorized,
@@ -43,30 +40,23 @@ from t2i_common.schemas import TextToImageRequest, build_request_schema, decode_
 from t2i_common.server import DRAIN, Drain
 from t2i_common.sse import Notify, respond_with_events, wants_events
 
-from . import openai_api
+from . import images, openai_api
 from .config import GatewayConfig
 from .nodes import NodePool, retry_after_s
 from .openapi import build_openapi
-from .stream_tokens import StreamSigner, StreamTarget
-from .upstream import AttemptResult, attempt
+from .state import CONFIG, METRICS, POOL, SESSION, SIGNER
+from .stream_tokens import StreamSigner
+from .upstream import AttemptResult, Expected, attempt
 
 logger = logging.getLogger(__name__)
 
-CONFIG = web.AppKey("config", GatewayConfig)
-METRICS = web.AppKey("metrics", GatewayMetrics)
-POOL = web.AppKey("pool", NodePool)
-SIGNER = web.AppKey("signer", StreamSigner)
 SCHEMA = web.AppKey("schema", Schema)
-SESSION = web.AppKey("session", aiohttp.ClientSession)
 OPENAPI = web.AppKey("openapi", dict)
 
-STREAM_CHUNK = 64 * 1024
 # Read once, when the module is imported: never a file read on the event loop.
 PLAYGROUND_HTML = (Path(__file__).parent / "playground.html").read_text().replace("__DEMO_MODEL_ID__", DEMO_MODEL_ID)
 PLAYGROUND = web.AppKey("playground", str)
 OPENAI = web.AppKey("openai", openai_api.OpenAIRequests)
-STREAM_SLOTS = web.AppKey("stream_slots", asyncio.Semaphore)  # --max-streams
-NODE_KEYS = web.AppKey("node_keys", dict[str, str])  # StreamSigner.node_key -> url, of nodes known now
 GENERATION_PATHS = frozenset({"/text-to-image", "/text-to-image/", "/v1/images/generations"})
 # Where an API key is needed when keys are set: the API, and what shows the fleet (nodes' addresses, errors).
 KEYED_PATHS = GENERATION_PATHS | {"/v1/models", "/models", "/orchestrators"}
@@ -99,12 +89,10 @@ def create_app(
     app[OPENAI] = openai_api.OpenAIRequests(config.limits, app[SCHEMA])
     app[OPENAPI] = build_openapi(config.limits, api_keys=bool(config.api_keys))
     app[PLAYGROUND] = PLAYGROUND_HTML
-    app[STREAM_SLOTS] = asyncio.Semaphore(config.max_streams)
-    app[NODE_KEYS] = {}
     app.cleanup_ctx.extend([_client_session, _node_pool])
+    images.setup(app)
     app.router.add_get("/", playground)
     app.router.add_post("/text-to-image", text_to_image)
-    app.router.add_get("/stream/{token}/{name}.png", stream_image)
     app.router.add_get("/health", health)
     app.router.add_get("/orchestrators", orchestrators)
     app.router.add_get("/models", models)
@@ -227,11 +215,13 @@ def _admit(request: web.Request, parse: Callable[[dict[str, Any]], TextToImageRe
 
 async def dispatch(request: web.Request, trace: _Trace, job: Job, model_id: str, notify: Notify | None) -> dict[str, Any]:
     """Run an admitted job on the network: the Livepeer result body, or an APIError."""
-    return await _observed(request, trace, job.request.prompt, model_id, job.forward, job.request.num_images_per_prompt, notify)
+    request_ = job.request
+    expected = Expected(request_.num_images_per_prompt, request_.output_format, request_.width, request_.height)
+    return await _observed(request, trace, job.request.prompt, model_id, job.forward, expected, notify)
 
 
 async def _observed(
-    request: web.Request, trace: _Trace, prompt: str, model_id: str, forward: dict[str, Any], images: int, notify: Notify | None
+    request: web.Request, trace: _Trace, prompt: str, model_id: str, forward: dict[str, Any], expected: Expected, notify: Notify | None
 ) -> dict[str, Any]:
     """``_generate`` with its metrics and its log line."""
     config, metrics_ = request.app[CONFIG], request.app[METRICS]
@@ -239,7 +229,7 @@ async def _observed(
     metrics_.in_flight.inc()
     status = 500
     try:
-        result = await _generate(request, trace, model_id, forward, images, notify)
+        result = await _generate(request, trace, model_id, forward, expected, notify)
         status = 200
         return result
     except APIError as error:
@@ -267,7 +257,7 @@ async def _observed(
 
 
 async def _generate(
-    request: web.Request, trace: _Trace, model_id: str, forward: dict[str, Any], images: int, notify: Notify | None
+    request: web.Request, trace: _Trace, model_id: str, forward: dict[str, Any], expected: Expected, notify: Notify | None
 ) -> dict[str, Any]:
     """Try up to --max-attempts nodes within the request's deadline; the result body, or an APIError."""
     app = request.app
@@ -304,18 +294,22 @@ async def _generate(
                 payload,
                 headers={"Content-Type": "application/json", "X-Request-ID": trace.request_id, **pool.auth_headers(node.url)},
                 timeout=aiohttp.ClientTimeout(total=remaining, sock_connect=config.connect_timeout_s),
-                expected_images=images,
+                expected=expected,
                 on_event=notify,
             )
             # Counted before the slot goes back: a node that left is forgotten (its series too) at its release.
             metrics_.attempts.labels(node.url, last.outcome).inc()
         finally:
             pool.release(node)
-        if last.outcome != "ok":
-            logger.info("request %s: attempt on %s: %s %s", trace.request_id, node.url, last.outcome, last.reason)
         if last.outcome == "ok":
-            pool.succeeded(node, time.monotonic() - started)
-            return _rewrite_urls(request, node.url, last.body)
+            try:
+                result = await images.publish(request, node.url, last.body, expected)
+            except images.BadImage as exc:  # it answered with images it cannot hand over
+                last = AttemptResult("failed", reason=f"malformed answer: {exc}")
+            else:
+                pool.succeeded(node, time.monotonic() - started)
+                return result
+        logger.info("request %s: attempt on %s: %s %s", trace.request_id, node.url, last.outcome, last.reason)
         if last.outcome == "client_error":
             raise _Refused(last.status, last.body)
         if last.outcome == "busy":
@@ -338,19 +332,6 @@ async def _generate(
     )
 
 
-def _rewrite_urls(request: web.Request, node_url: str, body: dict[str, Any]) -> dict[str, Any]:
-    """Point each image url at this gateway, through a signed id that names the node and path."""
-    app = request.app
-    base = app[CONFIG].public_url or f"{request.scheme}://{request.host}"
-    images = []
-    for image in body["images"]:
-        path = urlsplit(image["url"]).path  # of the node's image form: upstream checked
-        name = path.rsplit("/", 1)[1].removesuffix(".png")
-        token = app[SIGNER].sign(node_url, path)
-        images.append({"url": f"{base}/stream/{token}/{name}.png", "seed": image["seed"], "nsfw": image["nsfw"]})
-    return {"images": images}
-
-
 async def openai_generations(request: web.Request) -> web.Response:
     """OpenAI's Images API: its body in, the same admission and dispatch, its answer out."""
     app = request.app
@@ -365,7 +346,7 @@ async def openai_generations(request: web.Request) -> web.Response:
     trace = _Trace(request.headers.get("X-Request-ID") or uuid.uuid4().hex)
     result = await dispatch(request, trace, job, model_id, None)
     if response_format == "b64_json":
-        data = [{"b64_json": base64.b64encode(await _image_bytes(app, image["url"])).decode()} for image in result["images"]]
+        data = [{"b64_json": base64.b64encode(await images.image_bytes(app, image["url"])).decode()} for image in result["images"]]
     else:
         data = [{"url": image["url"]} for image in result["images"]]
     return web.json_response(openai_api.images_body(data), headers={"X-Request-ID": trace.request_id})
@@ -373,84 +354,6 @@ async def openai_generations(request: web.Request) -> web.Response:
 
 async def openai_models(request: web.Request) -> web.Response:
     return web.json_response(openai_api.models_body(request.app[POOL].models_on_offer()))
-
-
-async def _image_bytes(app: web.Application, url: str) -> bytes:
-    """The PNG behind one of this gateway's image urls (signed a moment ago), from the node holding it."""
-    target = app[SIGNER].verify(url.split("/stream/", 1)[1].split("/", 1)[0])
-    node_url = _fleet_node(app, target) if target else None
-    if target is None or node_url is None:
-        raise BadGateway("An image url could not be resolved: the orchestrator that made it has left.")
-    timeout = aiohttp.ClientTimeout(total=60, sock_connect=app[CONFIG].connect_timeout_s)
-    try:
-        async with app[SESSION].get(f"{node_url}{target.path}", headers=app[POOL].auth_headers(node_url), timeout=timeout) as upstream:
-            if upstream.status != 200:
-                raise BadGateway(f"The orchestrator holding the image answered {upstream.status}.")
-            return await upstream.read()
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        raise BadGateway(f"The orchestrator holding the image cannot be reached ({type(exc).__name__}).") from exc
-
-
-async def stream_image(request: web.Request) -> web.StreamResponse:
-    """Stream an image from the node that made it, chunk by chunk, never holding the whole file."""
-    app = request.app
-    target = app[SIGNER].verify(request.match_info["token"])
-    if target is None or target.name != request.match_info["name"]:
-        raise NotFound("Image not found: the id is unknown, altered or expired.")
-    node_url = _fleet_node(app, target)
-    if node_url is None:
-        raise NotFound("Image not found: the orchestrator that made it has left the fleet.")
-    config, slots = app[CONFIG], app[STREAM_SLOTS]
-    if slots.locked():
-        raise ServiceUnavailable(f"The gateway is serving {config.max_streams} image downloads already; retry shortly.", retry_after=1)
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout_s, sock_read=30)
-    headers = app[POOL].auth_headers(node_url)
-    async with slots:
-        with app[METRICS].streams.track_inprogress():
-            try:
-                async with app[SESSION].get(f"{node_url}{target.path}", headers=headers, timeout=timeout) as upstream:
-                    if upstream.status in (401, 403) and not headers:  # a node that left, asked without its secret
-                        raise NotFound("Image not found: the orchestrator that made it has left the fleet.")
-                    return await _relay(request, upstream)
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                raise BadGateway(f"The orchestrator holding this image cannot be reached ({type(exc).__name__}).") from exc
-
-
-def _fleet_node(app: web.Application, target: StreamTarget) -> str | None:
-    """The URL of the node a stream id names, if it is in the fleet now: never an address from the id."""
-    keys, pool = app[NODE_KEYS], app[POOL]
-    url = keys.get(target.node_key)
-    if url is None or not pool.knows(url):  # a node that joined since the last look, or one long gone
-        keys.clear()
-        keys.update((app[SIGNER].node_key(known), known) for known in pool.known_urls())
-        url = keys.get(target.node_key)
-    return url
-
-
-async def _relay(request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
-    if upstream.status == 404:
-        raise NotFound("Image not found: it has expired on the orchestrator that made it.")
-    if upstream.status != 200:
-        raise BadGateway(f"The orchestrator holding this image answered {upstream.status}.")
-    ttl = int(request.app[CONFIG].image_ttl_s)
-    response = web.StreamResponse(headers={"Content-Type": "image/png", "Cache-Control": f"private, max-age={ttl}"})
-    if upstream.content_length is not None:
-        response.content_length = upstream.content_length
-    await response.prepare(request)
-    write_timeout_s = request.app[CONFIG].stream_write_timeout_s
-    try:
-        async for chunk in upstream.content.iter_chunked(STREAM_CHUNK):
-            async with asyncio.timeout(write_timeout_s):  # a client that stops reading is cut off
-                await response.write(chunk)
-            request.app[METRICS].stream_bytes.inc(len(chunk))
-        async with asyncio.timeout(write_timeout_s):
-            await response.write_eof()
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        # The headers are sent: all that is left is to cut the body short, which the client sees.
-        logger.warning("stream from %s broke off: %s", upstream.url.origin(), str(exc) or type(exc).__name__)
-        if request.transport is not None:
-            request.transport.close()
-    return response
 
 
 async def health(request: web.Request) -> web.Response:

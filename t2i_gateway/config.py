@@ -22,6 +22,8 @@ from t2i_common.config import (
 )
 from t2i_common.schemas import Limits
 
+from .image_store import StoreLocation
+
 OPTIONS = (
     Option("host", "address to listen on", default="127.0.0.1"),
     Option("port", "port to listen on", type=int, default=8935),
@@ -49,6 +51,25 @@ OPTIONS = (
     Option("public-url", "base of image URLs, e.g. https://gateway.example.net (default: the URL the request came to)"),
     *secret_options("stream-secret", "secret that signs /stream ids; gateways behind one load balancer must share it (default: random)"),
     Option("image-ttl", "seconds a returned image URL stays valid", type=positive(float), default=3600.0),
+    Option(
+        "image-store",
+        "s3://BUCKET/PREFIX: move each image into this S3 bucket before answering, so that its url outlives the node "
+        "(credentials and region from the standard AWS chain); default: images stay on their node",
+    ),
+    Option("s3-endpoint", "URL of an S3-compatible service for --image-store (MinIO, SeaweedFS, R2, ...); default: AWS"),
+    Option(
+        "stream-redirect",
+        "answer /stream of a stored image with a redirect to a presigned URL of the store, valid 5 minutes, instead of "
+        "streaming it through the gateway (the store's endpoint must be reachable by clients)",
+        flag=True,
+        default=False,
+    ),
+    Option(
+        "store-timeout",
+        "seconds the image store may take per call; beyond, a request is answered with the node's image urls",
+        type=positive(float),
+        default=10.0,
+    ),
     Option("max-streams", "image downloads (/stream) served at once; beyond, 503 at once", type=positive(int), default=256),
     Option(
         "stream-write-timeout",
@@ -115,6 +136,10 @@ class GatewayConfig:
     public_url: str | None = None
     stream_secret: str | None = None
     image_ttl_s: float = 3600.0
+    image_store: StoreLocation | None = None
+    s3_endpoint: str | None = None
+    stream_redirect: bool = False
+    store_timeout_s: float = 10.0
     max_streams: int = 256
     stream_write_timeout_s: float = 30.0
     max_in_flight: int = 256
@@ -167,6 +192,16 @@ def load_config(argv: Sequence[str] | None = None) -> GatewayConfig:
         raise ConfigError(f"--max-queued must be 0 or more, got {values['max_queued']}")
     if not 0 <= values["max_suspended_share"] <= 1:
         raise ConfigError(f"--max-suspended-share must be between 0 and 1, got {values['max_suspended_share']}")
+    image_store = None
+    if values["image_store"]:
+        try:
+            image_store = StoreLocation.parse(values["image_store"])
+        except ValueError as exc:
+            raise ConfigError(f"--image-store: {exc}") from None
+    if values["s3_endpoint"] and not (image_store and values["s3_endpoint"].startswith(("http://", "https://"))):
+        raise ConfigError("--s3-endpoint needs --image-store, and is an http:// or https:// URL")
+    if values["stream_redirect"] and not image_store:
+        raise ConfigError("--stream-redirect needs --image-store: only stored images have a URL to redirect to")
     if bool(values["tls_cert"]) != bool(values["tls_key"]):
         raise ConfigError("--tls-cert and --tls-key go together")
     return GatewayConfig(
@@ -182,6 +217,10 @@ def load_config(argv: Sequence[str] | None = None) -> GatewayConfig:
         public_url=values["public_url"].rstrip("/") if values["public_url"] else None,
         stream_secret=strong_secret(values, "stream-secret"),
         image_ttl_s=values["image_ttl"],
+        image_store=image_store,
+        s3_endpoint=values["s3_endpoint"],
+        stream_redirect=values["stream_redirect"],
+        store_timeout_s=values["store_timeout"],
         max_streams=values["max_streams"],
         stream_write_timeout_s=values["stream_write_timeout"],
         max_in_flight=values["max_in_flight"],

@@ -22,9 +22,8 @@ SIZE_AUTO = (512, 512)
 # What OpenAI's clients may send, and what this gateway does with it (see the README).
 QUALITIES = ("auto", "standard")  # the model's own steps and guidance
 STYLES = ("natural",)  # the prompt as written: no rewriting
-OUTPUT_FORMATS = ("png",)
 # Livepeer fields OpenAI lacks, taken as extra fields.
-LIVEPEER_EXTRAS = ("seed", "negative_prompt", "num_inference_steps", "guidance_scale", "loras", "safety_check")
+LIVEPEER_EXTRAS = ("seed", "negative_prompt", "num_inference_steps", "guidance_scale", "loras", "safety_check", "output_compression")
 
 _ERROR_TYPES = {401: "invalid_request_error", 429: "rate_limit_exceeded", 503: "server_error"}
 
@@ -71,7 +70,8 @@ def _image_generation_schema(limits: Limits) -> Schema:
         style = fields.String(
             load_default=None, validate=validate.OneOf(STYLES, error="Only 'natural' is supported here: prompts are not rewritten.")
         )
-        output_format = fields.String(load_default="png", validate=validate.OneOf(OUTPUT_FORMATS, error="Only 'png' is served here."))
+        output_format = livepeer["output_format"]
+        output_compression = livepeer["output_compression"]
         user = fields.String(load_default=None, validate=validate.Length(max=256))
         seed = livepeer["seed"]
         negative_prompt = livepeer["negative_prompt"]
@@ -118,6 +118,7 @@ class OpenAIRequests:
             "width": width,
             "height": height,
             "num_images_per_prompt": body["n"],
+            "output_format": body["output_format"],
         }
         livepeer |= {name: data[name] for name in LIVEPEER_EXTRAS if name in data}  # as sent: checked with the rest below
         try:

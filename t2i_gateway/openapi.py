@@ -8,7 +8,7 @@ from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 from marshmallow import Schema, fields
 
-from t2i_common import __version__
+from t2i_common import IMAGE_FORMATS, __version__
 from t2i_common.schemas import Limits, build_request_schema
 
 
@@ -125,19 +125,27 @@ def build_openapi(limits: Limits, *, api_keys: bool) -> dict[str, Any]:
         },
     )
     spec.path(
-        path="/stream/{token}/{name}.png",
+        path="/stream/{token}/{name}.{format}",
         operations={
             "get": {
-                "summary": "Download a generated image.",
+                "summary": "Download a generated image (with --stream-redirect, a stored image is a 302 to the store).",
                 "operationId": "getImage",
                 "parameters": [
                     {"name": "token", "in": "path", "required": True, "schema": {"type": "string"}},
                     {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
+                    {"name": "format", "in": "path", "required": True, "schema": {"type": "string", "enum": list(IMAGE_FORMATS)}},
                 ],
                 "responses": {
-                    "200": {"description": "The PNG.", "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}},
+                    "200": {
+                        "description": "The image, in the format asked for.",
+                        "content": {media: {"schema": {"type": "string", "format": "binary"}} for media in IMAGE_FORMATS.values()},
+                    },
+                    "206": {"description": "A range of a stored image (Range: bytes=...)."},
+                    "302": {"description": "With --stream-redirect: a presigned URL of the stored image, valid 5 minutes."},
+                    "304": {"description": "The stored image has the ETag sent in If-None-Match."},
                     "404": _error("Unknown, tampered or expired image."),
-                    "502": _error("The orchestrator holding the image cannot be reached."),
+                    "416": _error("A range outside the image."),
+                    "502": _error("The orchestrator or image store holding the image cannot be reached."),
                 },
             }
         },

@@ -30,6 +30,16 @@ Outcome = Literal["ok", "client_error", "busy", "no_memory", "failed"]
 
 
 @dataclass(frozen=True, slots=True)
+class Expected:
+    """What a good answer holds: this many images, in this format, of this size."""
+
+    images: int
+    format: str = "png"
+    width: int = 512
+    height: int = 512
+
+
+@dataclass(frozen=True, slots=True)
 class AttemptResult:
     outcome: Outcome
     status: int = 0
@@ -45,7 +55,7 @@ async def attempt(
     *,
     headers: dict[str, str],
     timeout: aiohttp.ClientTimeout,
-    expected_images: int,
+    expected: Expected,
     on_event: Notify | None = None,
 ) -> AttemptResult:
     """POST the request to ``node``; gives up as soon as the node is found down.
@@ -53,7 +63,7 @@ async def attempt(
     With ``on_event``, the node is asked for an event stream and its ``queued`` and ``progress``
     events are passed on as they come.
     """
-    request = asyncio.ensure_future(_post(session, node, payload, headers, timeout, expected_images, on_event))
+    request = asyncio.ensure_future(_post(session, node, payload, headers, timeout, expected, on_event))
     down = asyncio.ensure_future(node.down.wait())
     try:
         done, _ = await asyncio.wait({request, down}, return_when=asyncio.FIRST_COMPLETED)
@@ -73,7 +83,7 @@ async def _post(
     payload: bytes,
     headers: dict[str, str],
     timeout: aiohttp.ClientTimeout,
-    expected_images: int,
+    expected: Expected,
     on_event: Notify | None,
 ) -> AttemptResult:
     if on_event:
@@ -81,7 +91,7 @@ async def _post(
     try:
         async with session.post(f"{node.url}/text-to-image", data=payload, headers=headers, timeout=timeout) as response:
             if on_event and response.status == 200 and response.content_type == EVENT_STREAM:
-                return await _read_events(response, expected_images, on_event)
+                return await _read_events(response, expected, on_event)
             raw = await response.read()
             status = response.status
     except TimeoutError:
@@ -92,21 +102,21 @@ async def _post(
         return AttemptResult("failed", reason=f"{type(exc).__name__}: {exc}")
     except ValueError as exc:
         return AttemptResult("failed", reason=f"malformed event stream: {exc}")
-    return _classify(status, _json_or_none(raw), expected_images)
+    return _classify(status, _json_or_none(raw), expected)
 
 
-async def _read_events(response: aiohttp.ClientResponse, expected_images: int, on_event: Notify) -> AttemptResult:
+async def _read_events(response: aiohttp.ClientResponse, expected: Expected, on_event: Notify) -> AttemptResult:
     async for event, data in read_events(response.content):
         if event == "result":
-            return _classify(200, data, expected_images)
+            return _classify(200, data, expected)
         if event == "error" and isinstance(data, dict) and isinstance(data.get("status"), int):
-            return _classify(data["status"], data.get("body"), expected_images)
+            return _classify(data["status"], data.get("body"), expected)
         if event in ("queued", "progress") and isinstance(data, dict):
             on_event(event, data)  # "started" the gateway announces itself, naming the node
     return AttemptResult("failed", reason="the event stream ended without a result")
 
 
-def _classify(status: int, body: Any, expected_images: int) -> AttemptResult:
+def _classify(status: int, body: Any, expected: Expected) -> AttemptResult:
     if status in (400, 422):
         if not isinstance(body, dict) or "detail" not in body:
             body = {"detail": {"msg": f"The orchestrator refused the request ({status})."}}
@@ -117,7 +127,7 @@ def _classify(status: int, body: Any, expected_images: int) -> AttemptResult:
         return AttemptResult("no_memory", status, reason="out of device memory for this request")
     if status != 200:
         return AttemptResult("failed", status, reason=f"answered {status}")
-    problem = _check_images(body, expected_images)
+    problem = _check_images(body, expected)
     if problem:
         return AttemptResult("failed", status, reason=f"malformed answer: {problem}")
     return AttemptResult("ok", status, body)
@@ -130,12 +140,12 @@ def _json_or_none(raw: bytes) -> Any:
         return None
 
 
-def _check_images(body: Any, expected: int) -> str | None:
+def _check_images(body: Any, expected: Expected) -> str | None:
     if not isinstance(body, dict) or not isinstance(body.get("images"), list):
         return "no 'images' list"
     images = body["images"]
-    if len(images) != expected:
-        return f"{len(images)} images instead of {expected}"
+    if len(images) != expected.images:
+        return f"{len(images)} images instead of {expected.images}"
     for image in images:
         if not (
             isinstance(image, dict)
@@ -145,6 +155,7 @@ def _check_images(body: Any, expected: int) -> str | None:
             and isinstance(image.get("nsfw"), bool)
         ):
             return "an image without a string url, an integer seed and a boolean nsfw"
-        if not IMAGE_PATH.fullmatch(urlsplit(image["url"]).path):
-            return f"an image url that is not /stream/<id>/<name>.png: {image['url'][:200]!r}"
+        match = IMAGE_PATH.fullmatch(urlsplit(image["url"]).path)
+        if match is None or match[3] != expected.format:
+            return f"an image url that is not /stream/<id>/<name>.{expected.format}: {image['url'][:200]!r}"
     return None

@@ -18,10 +18,10 @@ from marshmallow import Schema
 import metrics
 from discovery import open_registrar
 from metrics import OrchestratorMetrics
-from t2i_common import IMAGE_ID_PATTERN, IMAGE_NAME_PATTERN, __version__
+from t2i_common import FORMAT_PATTERN, IMAGE_FORMATS, IMAGE_ID_PATTERN, IMAGE_NAME_PATTERN, __version__
 from t2i_common.errors import APIError, BadRequest, Middleware, NotFound, Unauthorized, error_middleware
 from t2i_common.logs import prompt_for_log
-from t2i_common.schemas import MAX_SEED, TextToImageRequest, build_request_schema, parse_request
+from t2i_common.schemas import DEFAULT_QUALITY, MAX_SEED, TextToImageRequest, build_request_schema, parse_request
 from t2i_common.server import DRAIN, STOP, Drain, Stop
 from t2i_common.sse import EVENT_STREAM, Notify, respond_with_events, wants_events
 
@@ -88,7 +88,7 @@ def create_app(
         app.cleanup_ctx.append(_registration)
     app.router.add_post("/text-to-image", text_to_image)
     app.router.add_post("/text-to-image/", text_to_image)  # Livepeer's runner accepts both
-    app.router.add_get(f"/stream/{{image_id:{IMAGE_ID_PATTERN}}}/{{name:{IMAGE_NAME_PATTERN}}}.png", stream_image)
+    app.router.add_get(f"/stream/{{image_id:{IMAGE_ID_PATTERN}}}/{{name:{IMAGE_NAME_PATTERN}}}.{{format:{FORMAT_PATTERN}}}", stream_image)
     app.router.add_get("/capabilities", capabilities)
     app.router.add_get("/health", health)
     metrics.setup(app, app[METRICS].registry)
@@ -237,6 +237,7 @@ async def text_to_image(request: web.Request) -> web.StreamResponse:
     job = parse_request(await request.read(), request.headers.get("Content-Type"), app[SCHEMA])
     model_id = _resolve_model(app[CONFIG], job.model_id)
     app[ENGINE].check(job, model_id)  # refused before it waits for, or loads, anything
+    app[STORE].check_format(job.output_format)
     if job.loras:
         job = replace(job, loras=await app[LORAS].resolve(job.loras))  # local folders, fetched off the device thread
     seed = job.seed if job.seed is not None else secrets.randbelow(MAX_SEED + 1)
@@ -266,7 +267,8 @@ async def _generate(request: web.Request, job: TextToImageRequest, model_id: str
     started = time.monotonic()
     images = await app[DEVICE].generate(Generation(job, model_id, seed), notify=notify)
     app[METRICS].images.labels(model_id).inc(len(images))
-    image_id, names = await app[STORE].save([image.picture for image in images])
+    quality = DEFAULT_QUALITY if job.output_compression is None else job.output_compression
+    image_id, names = await app[STORE].save([image.picture for image in images], job.output_format, quality)
     logger.info(
         "request %s: %s %dx%d x%d seed %d prompt %s: %d images in %.2f s",
         request.headers.get("X-Request-ID", "-"),
@@ -282,17 +284,19 @@ async def _generate(request: web.Request, job: TextToImageRequest, model_id: str
     base = config.advertise_url or f"{request.scheme}://{request.host}"
     return {
         "images": [
-            {"url": f"{base}/stream/{image_id}/{name}.png", "seed": image.seed, "nsfw": image.nsfw} for name, image in zip(names, images)
+            {"url": f"{base}/stream/{image_id}/{name}.{job.output_format}", "seed": image.seed, "nsfw": image.nsfw}
+            for name, image in zip(names, images)
         ]
     }
 
 
 async def stream_image(request: web.Request) -> web.StreamResponse:
     store = request.app[STORE]
-    path = await store.find(request.match_info["image_id"], request.match_info["name"])
+    fmt = request.match_info["format"]
+    path = await store.find(request.match_info["image_id"], request.match_info["name"], fmt)
     if path is None:
         raise NotFound("Image not found: it never existed or it has expired.")
-    return web.FileResponse(path, headers={"Content-Type": "image/png", "Cache-Control": f"private, max-age={int(store.ttl_s)}"})
+    return web.FileResponse(path, headers={"Content-Type": IMAGE_FORMATS[fmt], "Cache-Control": f"private, max-age={int(store.ttl_s)}"})
 
 
 async def capabilities(request: web.Request) -> web.Response:

@@ -10,6 +10,7 @@ from aiohttp.test_utils import TestClient
 from blockbuster import blockbuster_ctx
 from prometheus_client import CollectorRegistry
 
+from bench.common import S3Server
 from discovery import Endpoint, StaticDiscovery
 from metrics import GatewayMetrics, OrchestratorMetrics
 from t2i_gateway.app import POOL
@@ -43,6 +44,23 @@ def blockbuster() -> Iterator[None]:
             STARTED.remove(daemon)  # read for the last time: it has ended, or its error is reported (once)
         if blocked:
             pytest.fail(f"a blocking call on {daemon.url}'s event loop; see {daemon.log}")
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A real S3 service (SeaweedFS) on loopback, shared by the session's tests: each makes its own bucket."""
+    server = S3Server(tmp_path_factory.mktemp("s3"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
+    """The S3 service, with its AWS credentials in the environment (as a gateway's would be)."""
+    for name, value in S3Server.CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    return s3_server
 
 
 @pytest.fixture(scope="session")

@@ -21,9 +21,9 @@ def solid_picture(width: int, height: int, shade: int) -> Image.Image:
     return Image.new("RGB", (width, height), (shade % 256, 0, 0))
 
 
-def solid_png(width: int, height: int, shade: int) -> bytes:
+def solid_png(width: int, height: int, shade: int, fmt: str = "png") -> bytes:
     buffer = io.BytesIO()
-    solid_picture(width, height, shade).save(buffer, format="PNG")
+    solid_picture(width, height, shade).save(buffer, format={"jpeg": "JPEG", "webp": "WEBP"}.get(fmt, "PNG"))
     return buffer.getvalue()
 
 
@@ -123,14 +123,14 @@ class FakeOrchestrator:
         self.requests: list[dict[str, object]] = []
         self.headers: list[dict[str, str]] = []
         self.downloads: list[dict[str, str]] = []  # the headers of each /stream request
-        self.image = solid_png(8, 8, 1)
+        self.image: bytes | None = None  # what /stream serves; None: a solid image of the size and format asked for
         self.release = asyncio.Event()  # lets a "hang" request go
 
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/capabilities", self._capabilities)
         app.router.add_post("/text-to-image", self._text_to_image)
-        app.router.add_get("/stream/{id}/{name}.png", self._stream)
+        app.router.add_get("/stream/{id}/{name}.{format}", self._stream)
         return app
 
     def _authorized(self, request: web.Request) -> bool:
@@ -177,7 +177,10 @@ class FakeOrchestrator:
         n = int(body.get("num_images_per_prompt", 1))
         seed = int(body.get("seed") or 0)
         base = f"{request.scheme}://{request.host}"
-        result = {"images": [{"url": f"{base}/stream/{'ab' * 16}/{i:016x}.png", "seed": seed + i, "nsfw": False} for i in range(n)]}
+        # The image's name says its size, for _stream: width, height, index, in hex.
+        size = f"{body.get('width', 512):04x}{body.get('height', 512):04x}"
+        fmt = body.get("output_format", "png")
+        result = {"images": [{"url": f"{base}/stream/{'ab' * 16}/{size}{i:08x}.{fmt}", "seed": seed + i, "nsfw": False} for i in range(n)]}
         if "text/event-stream" not in request.headers.get("Accept", ""):
             return web.json_response(result)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -196,4 +199,8 @@ class FakeOrchestrator:
             return web.json_response({"detail": {"msg": "no"}}, status=401)
         if request.match_info["id"] != "ab" * 16:
             return web.json_response({"detail": {"msg": "gone"}}, status=404)
-        return web.Response(body=self.image, content_type="image/png")
+        name, fmt = request.match_info["name"], request.match_info["format"]
+        width, height = int(name[:4], 16), int(name[4:8], 16)
+        if not (0 < width <= 2048 and 0 < height <= 2048):  # a name of a test's own making
+            width = height = 8
+        return web.Response(body=self.image or solid_png(width, height, 1, fmt), content_type=f"image/{fmt}")

@@ -381,7 +381,8 @@ async def test_stream_ids_name_no_address_and_fetch_only_from_the_fleet(make_gat
     payload = base64.urlsafe_b64decode(token.split(".")[0] + "==").decode()
     assert urlsplit(gateway.url_of(0)).netloc not in payload and "127.0.0.1" not in payload  # no internal address
     # Whoever holds the stream secret can sign an id for any address: it is never fetched.
-    forged = StreamSigner(b"test-secret", 60).sign(outside, f"/stream/{'ab' * 16}/{'0' * 16}.png")
+    signer = StreamSigner(b"test-secret", 60)
+    forged = signer.sign(signer.target(f"/stream/{'ab' * 16}/{'0' * 16}.png", outside))
     response = await gateway.client.get(f"/stream/{forged}/{'0' * 16}.png")
     assert response.status == 404 and "left the fleet" in (await response.json())["detail"]["msg"]
     assert outsider.downloads == []  # not asked, and so never sent the fleet's secret
@@ -408,7 +409,8 @@ async def test_expired_stream_ids_are_404(make_gateway: MakeGateway) -> None:
     name = f"{'0' * 16}"
     node = gateway.url_of(0)
     for ttl_s, status in ((60, 200), (-1, 404)):  # the same id, signed to expire in a minute, or a second ago
-        token = StreamSigner(b"test-secret", ttl_s).sign(node, f"/stream/{'ab' * 16}/{name}.png")
+        signer = StreamSigner(b"test-secret", ttl_s)
+        token = signer.sign(signer.target(f"/stream/{'ab' * 16}/{name}.png", node))
         assert (await gateway.client.get(f"/stream/{token}/{name}.png")).status == status
 
 
@@ -578,15 +580,17 @@ async def test_openai_requests_are_checked_and_answered_in_openais_shape(make_ga
         "num_images_per_prompt": 2,
         "negative_prompt": "",
     }
-    for fields, param, words in [
+    cases: list[tuple[dict[str, Any], str, str]] = [
         ({"size": "64x64\n"}, "size", "WIDTHxHEIGHT"),
         ({"size": "65x64"}, "size", "multiple of 8"),
         ({"style": "vivid"}, "style", "not rewritten"),
         ({"quality": "hd"}, "quality", "auto, standard"),
-        ({"output_format": "webp"}, "output_format", "png"),
+        ({"output_format": "gif"}, "output_format", "png, jpeg, webp"),
+        ({"output_compression": 50}, "output_compression", "jpeg and webp only"),
         ({"colour": "red"}, "colour", "Unknown field"),
         ({"seed": "7"}, "seed", "integer"),
-    ]:
+    ]
+    for fields, param, words in cases:
         response = await gateway.client.post("/v1/images/generations", json={"prompt": "a cat", **fields}, headers=auth)
         error = (await response.json())["error"]
         assert response.status == 400 and error["param"] == param and words in error["message"], (fields, error)

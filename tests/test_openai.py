@@ -7,6 +7,7 @@ import io
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import openai
 import pytest
@@ -61,6 +62,22 @@ def test_generate_with_base64(client: openai.OpenAI) -> None:
     assert image.url is None and png_size(base64.b64decode(image.b64_json or "")) == (64, 64)
 
 
+@pytest.mark.parametrize(("output_format", "pillow_format"), [("jpeg", "JPEG"), ("webp", "WEBP")])
+def test_formats_come_as_asked_by_url_and_in_base64(
+    client: openai.OpenAI, output_format: Literal["jpeg", "webp"], pillow_format: str
+) -> None:
+    by_url = client.images.generate(prompt="a cat", size="64x64", output_format=output_format, output_compression=80)
+    [image] = by_url.data or []
+    assert image.url and image.url.endswith(f".{output_format}")
+    with urllib.request.urlopen(image.url, timeout=30) as response:
+        assert response.headers["Content-Type"] == f"image/{output_format}"
+        downloaded = Image.open(io.BytesIO(response.read()))
+    inline = client.images.generate(prompt="a cat", size="64x64", output_format=output_format, response_format="b64_json")
+    [encoded] = inline.data or []
+    decoded = Image.open(io.BytesIO(base64.b64decode(encoded.b64_json or "")))
+    assert (downloaded.format, downloaded.size) == (decoded.format, decoded.size) == (pillow_format, (64, 64))
+
+
 def test_models_are_listed(client: openai.OpenAI) -> None:
     assert [model.id for model in client.models.list()] == ["t2i/tiny-sd"]
 
@@ -70,8 +87,8 @@ def test_an_invalid_size_is_a_bad_request_with_the_gateways_message(client: open
         client.images.generate(prompt="a cat", size="65x64")
     assert caught.value.status_code == 400 and "The width must be a multiple of 8, got 65." in caught.value.message
     assert caught.value.param == "size"
-    with pytest.raises(openai.BadRequestError, match="Only 'png' is served here"):
-        client.images.generate(prompt="a cat", size="64x64", output_format="jpeg")  # type: ignore[arg-type]
+    with pytest.raises(openai.BadRequestError, match="Must be one of png, jpeg, webp"):
+        client.images.generate(prompt="a cat", size="64x64", output_format="gif")  # type: ignore[arg-type]
     with pytest.raises(openai.BadRequestError, match="not offered by any orchestrator"):
         client.images.generate(prompt="a cat", size="64x64", model="dall-e-3")
 

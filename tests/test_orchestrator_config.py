@@ -217,7 +217,7 @@ async def test_sweeper_removes_only_expired_image_folders(tmp_path: Path) -> Non
     assert await store.sweep() == 1
     assert not (tmp_path / old_id).exists()
     assert (tmp_path / "not-ours").exists()
-    found = await store.find(young_id, young_name)
+    found = await store.find(young_id, young_name, "png")
     assert found == tmp_path / young_id / f"{young_name}.png" and found.read_bytes().startswith(b"\x89PNG")  # encoded as PNG
     assert [path.name for path in (tmp_path / young_id).iterdir()] == [f"{young_name}.png"]  # no partial file left
 

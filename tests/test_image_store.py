@@ -1,0 +1,221 @@
+"""The S3 image store (--image-store), against a real S3 service: SeaweedFS on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import secrets
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiobotocore.session import get_session
+from PIL import Image
+from prometheus_client import CollectorRegistry
+
+from bench.common import S3Server
+from discovery import StaticDiscovery
+from metrics import GatewayMetrics
+from t2i_common.config import ConfigError
+from t2i_gateway.app import POOL, create_app
+from t2i_gateway.config import GatewayConfig, load_config
+from t2i_gateway.image_store import StoreLocation
+from t2i_gateway.images import image_size
+
+from .fakes import FakeOrchestrator, solid_png
+from .helpers import MakeGateway
+
+BUCKET = "t2i-images"  # one for all tests (each bucket takes volumes of SeaweedFS's own), a prefix per test
+
+
+def new_prefix(s3: S3Server) -> str:
+    s3.make_bucket(BUCKET)  # once made, making it again changes nothing
+    return f"test-{secrets.token_hex(6)}"
+
+
+def store_options(s3: S3Server, prefix: str, **more: Any) -> dict[str, Any]:
+    return {"image_store": StoreLocation.parse(f"s3://{BUCKET}/{prefix}"), "s3_endpoint": s3.url, **more}
+
+
+async def stored_keys(s3: S3Server, prefix: str) -> list[str]:
+    async with get_session().create_client("s3", endpoint_url=s3.url) as client:
+        listed = await client.list_objects_v2(Bucket=BUCKET, Prefix=f"{prefix}/")
+        return [item["Key"].removeprefix(f"{prefix}/") for item in listed.get("Contents", [])]
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def test_images_are_moved_into_the_store_and_outlive_their_node(make_gateway: MakeGateway, s3: S3Server) -> None:
+    prefix = new_prefix(s3)
+    fake = FakeOrchestrator()
+    gateway = await make_gateway(fake, **store_options(s3, prefix))
+    body = await (await gateway.post({"prompt": "a cat", "width": 64, "height": 128, "num_images_per_prompt": 2})).json()
+    keys = await stored_keys(s3, prefix)
+    assert len(keys) == 2 and all(key.endswith(".png") for key in keys)
+    assert len(fake.downloads) == 2  # each image read from the node once, to store it
+    await gateway.servers[0].close()  # the node is gone
+    expected = solid_png(64, 128, 1)
+    for image in body["images"]:
+        path = "/" + image["url"].split("/", 3)[3]
+        response = await gateway.client.get(path)
+        data = await response.read()
+        assert response.status == 200 and data == expected
+        assert response.headers["Content-Type"] == "image/png" and int(response.headers["Content-Length"]) == len(expected)
+        etag = response.headers["ETag"]
+        assert etag.strip('"') == hashlib.md5(expected).hexdigest()  # S3's ETag of a single-part object
+        ranged = await gateway.client.get(path, headers={"Range": "bytes=8-23"})
+        assert ranged.status == 206 and await ranged.read() == expected[8:24]
+        assert ranged.headers["Content-Range"] == f"bytes 8-23/{len(expected)}"
+        assert (await gateway.client.get(path, headers={"If-None-Match": etag})).status == 304
+        outside = await gateway.client.get(path, headers={"Range": f"bytes={len(expected) + 10}-"})
+        assert outside.status == 416
+    assert len(fake.downloads) == 2  # downloads never went to the node
+    assert gateway.metrics.registry.get_sample_value("t2i_gateway_stored_images_total") == 2
+
+
+async def test_any_gateway_with_the_secret_and_the_store_serves_stored_images(
+    make_gateway: MakeGateway, s3: S3Server, aiohttp_client: Any
+) -> None:
+    prefix = new_prefix(s3)
+    gateway = await make_gateway(FakeOrchestrator(), **store_options(s3, prefix))
+    url = (await (await gateway.post()).json())["images"][0]["url"]
+    path = "/" + url.split("/", 3)[3]
+    for options, status in ((store_options(s3, prefix), 200), ({}, 404)):  # the same store, or none
+        config = GatewayConfig(orchestrators=("http://127.0.0.1:9",), **options)
+        metrics = GatewayMetrics(CollectorRegistry())
+        other = await aiohttp_client(create_app(config, discovery=StaticDiscovery([]), stream_secret=b"test-secret", metrics_=metrics))
+        response = await other.get(path)
+        assert response.status == status
+        if status == 404:
+            assert "--image-store" in (await response.json())["detail"]["msg"]
+
+
+async def test_stream_redirect_sends_clients_to_a_presigned_url(
+    make_gateway: MakeGateway, s3: S3Server, session: aiohttp.ClientSession
+) -> None:
+    prefix = new_prefix(s3)
+    gateway = await make_gateway(FakeOrchestrator(), **store_options(s3, prefix, stream_redirect=True))
+    body = await (await gateway.post({"prompt": "a cat", "width": 64, "height": 64, "output_format": "webp"})).json()
+    path = "/" + body["images"][0]["url"].split("/", 3)[3]
+    assert path.endswith(".webp")
+    redirect = await gateway.client.get(path, allow_redirects=False)
+    location = redirect.headers["Location"]
+    assert redirect.status == 302 and location.startswith(s3.url) and "Signature=" in location
+    async with session.get(str(gateway.client.make_url(path))) as followed:  # a plain client follows it
+        assert followed.status == 200 and followed.url.host == "127.0.0.1" and str(followed.url).startswith(s3.url)
+        assert Image.open(io.BytesIO(await followed.read())).size == (64, 64)
+    async with session.get(location.split("?")[0]) as unsigned:
+        assert unsigned.status == 403 or unsigned.status == 401  # the bucket is private
+
+
+async def test_a_node_image_that_is_not_what_was_asked_for_is_the_nodes_fault(make_gateway: MakeGateway, s3: S3Server) -> None:
+    prefix = new_prefix(s3)
+    liar = FakeOrchestrator()
+    gateway = await make_gateway(liar, **store_options(s3, prefix))
+    for image, words in (
+        (solid_png(32, 32, 1), "not a 64x64 png image"),
+        (b"x" * 100, "not a png image"),
+        (bytes(64 * 64 * 4 + 2**20 + 1), "over the"),
+    ):
+        liar.image = image
+        response = await gateway.post()
+        assert response.status == 503 and words in (await response.json())["detail"]["msg"], await response.text()
+    assert await stored_keys(s3, prefix) == []
+    # Whichever node a request tries first, its answer comes from the honest one, checked and stored.
+    honest = FakeOrchestrator()
+    gateway = await make_gateway(liar, honest, **store_options(s3, prefix))
+    for _ in range(3):
+        body = await (await gateway.post()).json()
+        download = await gateway.client.get("/" + body["images"][0]["url"].split("/", 3)[3])
+        assert await download.read() == solid_png(64, 64, 1)
+    assert len(honest.requests) == 3 and len(await stored_keys(s3, prefix)) == 3
+
+
+async def test_a_store_that_fails_leaves_the_images_on_the_node(make_gateway: MakeGateway, s3: S3Server, tmp_path: Path) -> None:
+    own = S3Server(tmp_path)  # a store of this test's own, stopped after the gateway has started
+    own.start()
+    try:
+        prefix = new_prefix(own)
+        gateway = await make_gateway(FakeOrchestrator(), **store_options(own, prefix, store_timeout_s=2.0))
+    finally:
+        own.stop()
+    response = await gateway.post()
+    assert response.status == 200
+    path = "/" + (await response.json())["images"][0]["url"].split("/", 3)[3]
+    download = await gateway.client.get(path)
+    assert download.status == 200 and await download.read() == solid_png(64, 64, 1)  # from the node
+    assert gateway.metrics.registry.get_sample_value("t2i_gateway_store_fallbacks_total") == 1
+    assert gateway.metrics.registry.get_sample_value("t2i_gateway_store_errors_total", {"operation": "put"}) == 1
+    assert len(gateway.client.app[POOL].healthy()) == 1  # type: ignore[index]  # the store's fault is no node's
+
+
+async def test_stored_images_expire(make_gateway: MakeGateway, s3: S3Server) -> None:
+    prefix = new_prefix(s3)
+    keeper = await make_gateway(FakeOrchestrator(), **store_options(s3, prefix))
+    assert (await keeper.post()).status == 200
+    [stored] = await stored_keys(s3, prefix)
+    async with get_session().create_client("s3", endpoint_url=s3.url) as client:
+        await client.put_object(Bucket=BUCKET, Key=f"{prefix}/notes.txt", Body=b"not ours")  # never the sweep's to delete
+    # A gateway on the same store with a TTL of a second sweeps each second: the image goes once a second old.
+    sweeper = await make_gateway(FakeOrchestrator(), **store_options(s3, prefix, image_ttl_s=1.0))
+    remaining = [stored]
+    while remaining != ["notes.txt"]:
+        await asyncio.sleep(0.05)
+        remaining = await stored_keys(s3, prefix)
+    assert sweeper.metrics.registry.get_sample_value("t2i_gateway_store_errors_total", {"operation": "sweep"}) is None
+
+
+async def test_a_store_that_cannot_be_used_stops_the_gateway_at_start(s3: S3Server, tmp_path: Path) -> None:
+    missing = f"t2i-missing-{secrets.token_hex(4)}"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "t2i_gateway",
+        "--orchestrator",
+        "http://127.0.0.1:9",
+        "--port",
+        "0",
+        "--image-store",
+        f"s3://{missing}/images",
+        "--s3-endpoint",
+        s3.url,
+        stderr=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.DEVNULL,
+    )
+    _, err = await process.communicate()
+    assert process.returncode != 0
+    assert f"the bucket {missing!r} does not exist" in err.decode(), err.decode()[-2000:]
+
+
+def test_store_options_are_checked() -> None:
+    for argv, words in (
+        (["--image-store", "http://bucket/x"], "s3://BUCKET/PREFIX"),
+        (["--image-store", "s3://A_B/x"], "is not a bucket name"),
+        (["--s3-endpoint", "http://127.0.0.1:1"], "--s3-endpoint needs --image-store"),
+        (["--image-store", "s3://bucket", "--s3-endpoint", "ftp://x"], "http:// or https://"),
+        (["--stream-redirect"], "--stream-redirect needs --image-store"),
+    ):
+        with pytest.raises(ConfigError, match=words.replace("+", r"\+")):
+            load_config(["--orchestrator", "http://127.0.0.1:9", *argv])
+    config = load_config(["--orchestrator", "http://127.0.0.1:9", "--image-store", "s3://bucket/a/b/"])
+    assert config.image_store == StoreLocation("bucket", "a/b/") and config.s3_endpoint is None
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg", "webp"])
+def test_image_sizes_are_read_from_the_header(fmt: str) -> None:
+    for width, height in ((64, 128), (1024, 512)):
+        buffer = io.BytesIO()
+        options = {"lossless": True} if fmt == "webp" and width == 64 else {}  # VP8L as well as VP8
+        Image.new("RGB", (width, height), (200, 10, 10)).save(buffer, format=fmt.upper(), **options)
+        data = buffer.getvalue()
+        assert image_size(data, fmt) == (width, height)
+        assert image_size(data[:10], fmt) is None
+    assert image_size(b"GIF89a" + bytes(100), "png") is None
