@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import json
 import secrets
 import sys
 from collections.abc import AsyncIterator
@@ -28,6 +29,7 @@ from t2i_gateway.images import image_size
 
 from .fakes import FakeOrchestrator, solid_png
 from .helpers import MakeGateway
+from .processes import start, wait_healthy
 
 BUCKET = "t2i-images"  # one for all tests (each bucket takes volumes of SeaweedFS's own), a prefix per test
 
@@ -219,3 +221,43 @@ def test_image_sizes_are_read_from_the_header(fmt: str) -> None:
         assert image_size(data, fmt) == (width, height)
         assert image_size(data[:10], fmt) is None
     assert image_size(b"GIF89a" + bytes(100), "png") is None
+
+
+@pytest.mark.slow
+def test_images_of_a_killed_node_are_served_by_every_gateway_of_the_store(
+    s3: S3Server, model_cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Real processes: a node with the demo model, gateways sharing the store and the stream secret."""
+    import urllib.request
+
+    folder = tmp_path_factory.mktemp("store-e2e")
+    prefix = new_prefix(s3)
+    secret_env = {**S3Server.CREDENTIALS, "T2I_GATEWAY_STREAM_SECRET": "a-stream-secret-shared-by-the-gateways-0123"}
+    node = start("t2i_orchestrator", ["--cache-dir", str(model_cache), "--storage-dir", str(folder / "images"), "--threads", "1"], folder)
+    store = ["--orchestrator", node.url, "--image-store", f"s3://{BUCKET}/{prefix}", "--s3-endpoint", s3.url]
+    first, second = (start("t2i_gateway", store, folder, env=secret_env) for _ in range(2))
+    redirecting = start("t2i_gateway", [*store, "--stream-redirect"], folder, env=secret_env)
+    try:
+        for daemon in (node, first, second, redirecting):
+            wait_healthy(daemon)
+        urls: list[str] = []
+        for fmt in ("png", "jpeg"):
+            body = json.dumps({"prompt": "a lighthouse", "width": 64, "height": 64, "num_images_per_prompt": 2, "output_format": fmt})
+            request = urllib.request.Request(f"{first.url}/text-to-image", body.encode(), {"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=120) as response:
+                urls += [image["url"] for image in json.load(response)["images"]]
+        node.process.kill()  # the node and its disk are gone
+        node.process.wait()
+        for url in urls:
+            path = "/" + url.split("/", 3)[3]
+            served = []
+            for gateway in (first, second, redirecting):  # urllib follows the redirect to the store
+                with urllib.request.urlopen(f"{gateway.url}{path}", timeout=30) as response:
+                    served.append((response.headers["Content-Type"], response.read()))
+            assert served[0] == served[1] == served[2]
+            picture = Image.open(io.BytesIO(served[0][1]))
+            assert picture.size == (64, 64) and served[0][0] == f"image/{picture.format.lower()}"  # type: ignore[union-attr]
+            assert path.endswith(f".{picture.format.lower()}")  # type: ignore[union-attr]
+    finally:
+        for daemon in (first, second, redirecting, node):
+            daemon.stop()
