@@ -24,7 +24,7 @@ from metrics import GatewayMetrics
 from t2i_common.config import ConfigError
 from t2i_gateway.app import POOL, create_app
 from t2i_gateway.config import GatewayConfig, load_config
-from t2i_gateway.image_store import StoreLocation
+from t2i_gateway.image_store import PART_BYTES, StoreLocation
 from t2i_gateway.images import image_size
 
 from .fakes import FakeOrchestrator, solid_png
@@ -81,6 +81,24 @@ async def test_images_are_moved_into_the_store_and_outlive_their_node(make_gatew
         assert outside.status == 416
     assert len(fake.downloads) == 2  # downloads never went to the node
     assert gateway.metrics.registry.get_sample_value("t2i_gateway_stored_images_total") == 2
+
+
+async def test_an_image_over_one_part_goes_up_in_parts_and_comes_back_whole(make_gateway: MakeGateway, s3: S3Server) -> None:
+    import numpy
+
+    noise = numpy.random.default_rng(7).integers(0, 256, (2048, 1024, 3), dtype=numpy.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, format="PNG", compress_level=0)
+    fake = FakeOrchestrator()
+    fake.image = buffer.getvalue()
+    assert len(fake.image) > PART_BYTES
+    prefix = new_prefix(s3)
+    gateway = await make_gateway(fake, **store_options(s3, prefix))
+    body = await (await gateway.post({"prompt": "noise", "width": 1024, "height": 2048})).json()
+    await gateway.servers[0].close()
+    response = await gateway.client.get("/" + body["images"][0]["url"].split("/", 3)[3])
+    assert response.status == 200 and await response.read() == fake.image
+    assert response.headers["ETag"].strip('"').endswith("-2")  # S3's ETag of a two-part upload
 
 
 async def test_any_gateway_with_the_secret_and_the_store_serves_stored_images(
