@@ -287,6 +287,7 @@ async def _generate(
         if notify:
             notify("started", {"node": node.url})
         started = time.monotonic()
+        result: dict[str, Any] = {}
         try:
             last = await attempt(
                 app[SESSION],
@@ -297,18 +298,18 @@ async def _generate(
                 expected=expected,
                 on_event=notify,
             )
+            if last.outcome == "ok":  # the images handed over (into the store) while the node still counts as busy
+                try:
+                    result = await images.publish(request, node.url, last.body, expected)
+                except images.BadImage as exc:  # it answered with images it cannot hand over
+                    last = AttemptResult("failed", reason=f"malformed answer: {exc}")
             # Counted before the slot goes back: a node that left is forgotten (its series too) at its release.
             metrics_.attempts.labels(node.url, last.outcome).inc()
         finally:
             pool.release(node)
         if last.outcome == "ok":
-            try:
-                result = await images.publish(request, node.url, last.body, expected)
-            except images.BadImage as exc:  # it answered with images it cannot hand over
-                last = AttemptResult("failed", reason=f"malformed answer: {exc}")
-            else:
-                pool.succeeded(node, time.monotonic() - started)
-                return result
+            pool.succeeded(node, time.monotonic() - started)
+            return result
         logger.info("request %s: attempt on %s: %s %s", trace.request_id, node.url, last.outcome, last.reason)
         if last.outcome == "client_error":
             raise _Refused(last.status, last.body)

@@ -149,6 +149,8 @@ async def test_a_node_image_that_is_not_what_was_asked_for_is_the_nodes_fault(ma
         response = await gateway.post()
         assert response.status == 503 and words in (await response.json())["detail"]["msg"], await response.text()
     assert await stored_keys(s3, prefix) == []
+    failed = {"orchestrator": gateway.url_of(0), "outcome": "failed"}
+    assert gateway.metrics.registry.get_sample_value("t2i_gateway_attempts_total", failed) == 3
     # Whichever node a request tries first, its answer comes from the honest one, checked and stored.
     honest = FakeOrchestrator()
     gateway = await make_gateway(liar, honest, **store_options(s3, prefix))
