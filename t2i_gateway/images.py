@@ -322,8 +322,9 @@ async def image_bytes(app: web.Application, url: str) -> bytes:
     """The image behind one of this gateway's image urls (signed a moment ago): from the store, or the node."""
     target = app[SIGNER].verify(url.split("/stream/", 1)[1].split("/", 1)[0])
     if target is not None and target.stored:
+        store = _store_of(app)
         try:
-            data = await _store_of(app).read(_store_of(app).key(target.path), max_bytes=64 * 1024 * 1024)
+            data = await store.read(store.key(target.path), max_bytes=64 * 1024 * 1024)
         except StoreError as exc:
             raise BadGateway(f"The image store cannot be read now ({exc}); retry shortly.") from exc
         if data is None:
