@@ -21,10 +21,10 @@ Pillow and must give back the same pixels, then ``--repeat`` calls timed with ``
 
 Prints one table (ms per image, bytes per image, how many times cheaper than PNG level 6, bytes
 against PNG level 6; both ratios from the row's means) and a verdict line. Goal: a lossless PNG encoder
-at least 3x cheaper than PNG level 6 with at most +15 % bytes on the photos (their means) at every
-size; the verdict names the cheapest that qualifies (least photo CPU over all sizes; an encoder that
-wrote the same bytes as one listed before it, everywhere, is only noted) with its figures, and the
-worst single photo's bytes. A missed goal is reported, not an error; a Pillow PNG that does not decode
+at least 3x cheaper than PNG level 6 with at most +15 % bytes on the photos at every size, both their
+mean and every single photo (the worst one against the same photo at level 6); the verdict names the
+cheapest that qualifies (least photo CPU over all sizes; an encoder that wrote the same bytes as one
+listed before it, everywhere, is only noted) with its figures, the worst photo's bytes among them. A missed goal is reported, not an error; a Pillow PNG that does not decode
 to the same pixels exits 1; an fpng that cannot be imported or does not decode to the same pixels is
 left out with a note.
 """
@@ -55,7 +55,7 @@ PROMPT = "a cool cat on the beach"
 SEED = 7
 BASELINE = "Pillow PNG level 6 (default)"
 GOAL_CHEAPER = 3.0  # at least this many times less CPU than the baseline
-GOAL_BYTES = 0.15  # at most this much larger than the baseline
+GOAL_BYTES = 0.15  # at most this much larger than the baseline: the photos' mean, and each photo
 CONTENTS = ("photos", "model output")
 
 
@@ -263,10 +263,14 @@ def verdict(results: Results, sizes: list[int]) -> str:
             rows[("photos", size, label)].exact
             and rows[("photos", size, BASELINE)].ms >= GOAL_CHEAPER * rows[("photos", size, label)].ms
             and rows[("photos", size, label)].size <= (1 + GOAL_BYTES) * rows[("photos", size, BASELINE)].size
+            and rows[("photos", size, label)].worst <= 1 + GOAL_BYTES
             for size in sizes
         )
 
-    goal = f"(goal: a lossless PNG >= {GOAL_CHEAPER:.0f}x cheaper than PNG level 6 with <= +{100 * GOAL_BYTES:.0f}% bytes, photos' means, at every size)"
+    goal = (
+        f"(goal: a lossless PNG >= {GOAL_CHEAPER:.0f}x cheaper than PNG level 6 with <= +{100 * GOAL_BYTES:.0f}% bytes, "
+        "photos' means and every single photo, at every size)"
+    )
     candidates = [e.label for e in results.kept if e.png and e.label != BASELINE and e.label not in results.aliases]
     winners = sorted(
         (label for label in candidates if qualifies(label)), key=lambda label: sum(rows[("photos", size, label)].ms for size in sizes)

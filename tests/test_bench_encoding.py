@@ -120,3 +120,22 @@ def test_the_model_output_gets_rows_of_its_own(monkeypatch: pytest.MonkeyPatch, 
     table = rows(capsys.readouterr().out)
     assert table[("model output", "64x64", "Pillow PNG level 1")][-1] == "lossless"
     assert table[("model output", "64x64", "Pillow JPEG q90")][-1] == "lossy"
+
+
+@pytest.mark.parametrize(
+    ("mean", "worst", "met"),
+    [(1.10, 1.12, True), (1.10, 1.16, False), (1.16, 1.16, False)],
+    ids=["every-photo-within", "one-photo-over", "mean-over"],
+)
+def test_the_goal_holds_for_the_mean_and_every_single_photo(mean: float, worst: float, met: bool) -> None:
+    """An encoder within +15% on the photos' mean but over it on one photo does not qualify (figures made up)."""
+    cheap = encoding.Encoder("cheap", encoding.pillow("PNG", compress_level=1), png=True)
+    baseline = encoding.Encoder(encoding.BASELINE, encoding.pillow("PNG"), png=True)
+    rows = {}
+    for size in (512, 1024):
+        rows[("photos", size, encoding.BASELINE)] = encoding.Row(ms=10.0, size=1000.0, exact=True, worst=1.0)
+        rows[("photos", size, "cheap")] = encoding.Row(ms=1.0, size=1000.0 * mean, exact=True, worst=1.0 if size == 512 else worst)
+    verdict = encoding.verdict(encoding.Results([cheap, baseline], rows, [], [], set()), [512, 1024])
+    assert verdict.startswith("verdict: goal met by cheap: " if met else "verdict: goal not met "), verdict
+    assert f"1024x1024 10.0x cheaper (1.00 vs 10.00 ms), {100 * (mean - 1):+.1f}% bytes (worst photo {100 * (worst - 1):+.1f}%)" in verdict
+    assert "photos' means and every single photo, at every size" in verdict
