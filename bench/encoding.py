@@ -170,7 +170,7 @@ def photos(size: int) -> list[Image.Image]:
 
 def generate_model_images(sizes: list[int], cache: str) -> dict[int, bytes]:
     """The demo model's picture at each size, as raw RGB bytes (run in a child process)."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the node sets it, before torch is imported
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep: the encoders are timed after
     from t2i_common.schemas import TextToImageRequest
     from t2i_orchestrator.diffusers_engine import DiffusersEngine
     from t2i_orchestrator.models import ModelSpec

@@ -8,13 +8,14 @@ keep-alive client, ``safety_check: false``, a fixed seed), timed until the JSON 
 has generated, PNG-encoded and stored the image by then).
 
 In-process: ``DiffusersEngine([ModelSpec("t2i/tiny-sd", warm=True)], device="cpu", cache_dir=<tmp>,
-threads=2).generate(...)`` with the same request, then the picture encoded as PNG and written to a
-file, as the node's store does. It runs in this
-process after the node and the gateway have stopped, so that they never share the cores at the same
-time, with the node's ``OMP_WAIT_POLICY=PASSIVE``, on a dedicated thread as the node's device thread
-runs it (the baseline of the ratio) and then on the main thread. On the 2-core development machine the
-same torch call runs about 25 % slower at 256x256 on the main thread than on another thread, which
-would otherwise show up as a gateway "faster than in-process".
+threads=2).generate(...)`` with the same request, then the picture encoded as PNG (at the node's level)
+and written to a file, as the node's store does. It runs in this process after the node and the gateway
+have stopped, so that they never share the cores at the same time, with the same ``OMP_WAIT_POLICY`` as
+the node (the environment's), on a dedicated thread that also loads the model, as the node's device
+thread does (the baseline of the ratio), and then on the main thread. torch runs markedly slower on a
+thread other than the one that loaded the model (on the 2-core development machine, 44 against 24 ms at
+64x64): a baseline that loaded on one thread and generated on another made the node look faster than
+in-process.
 
 At 64x64 1 step and 256x256 2 steps, each after ``--warmup`` untimed calls: the median of ``--repeats``
 calls. Prints a table and one summary line with the two gateway/in-process ratios (goal: at most
@@ -85,17 +86,19 @@ async def http_times(cache: Path, workdir: Path, threads: int, repeats: int, war
 def in_process_times(cache: Path, threads: int, repeats: int, warmup: int) -> dict[str, dict[tuple[int, int], list[float]]]:
     """The engine's calls, each with the PNG encoded and written as the node's store does, timed on a
     dedicated thread (as the node's device thread runs them) and on the main thread."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the node sets it, before torch is imported
+    pass
     from t2i_common.schemas import TextToImageRequest
     from t2i_orchestrator.diffusers_engine import DiffusersEngine
     from t2i_orchestrator.models import ModelSpec
+    from t2i_orchestrator.storage import PNG_COMPRESS_LEVEL
 
     engine = DiffusersEngine([ModelSpec(MODEL, warm=True)], device="cpu", cache_dir=cache, threads=threads)
-    engine.start()
-    engine.load(MODEL)
     png = cache / "end-to-end.png"
 
     def run() -> dict[tuple[int, int], list[float]]:
+        if not engine.loaded_models():  # on the thread that runs first, the dedicated one, as in the node
+            engine.start()
+            engine.load(MODEL)
         times: dict[tuple[int, int], list[float]] = {}
         for size, steps in CASES:
             request = TextToImageRequest(
@@ -105,7 +108,7 @@ def in_process_times(cache: Path, threads: int, repeats: int, warmup: int) -> di
             for index in range(warmup + repeats):
                 started = time.perf_counter()
                 [image] = engine.generate(request, MODEL, SEED, lambda: False)
-                image.picture.save(png, format="PNG")  # the node encodes and writes it too: equal work
+                image.picture.save(png, format="PNG", compress_level=PNG_COMPRESS_LEVEL)  # as the node's store: equal work
                 if index >= warmup:
                     samples.append(time.perf_counter() - started)
                 assert image.picture.size == (size, size)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import sys
 from collections.abc import Sequence
 
@@ -21,8 +20,10 @@ logger = logging.getLogger("t2i_orchestrator")
 
 def build_app(config: OrchestratorConfig) -> web.Application:
     """The real node: diffusers on the configured device (imports torch, which takes seconds)."""
-    # Idle OpenMP threads spin by default, which starves other processes sharing a small machine.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # OMP_WAIT_POLICY is left to OpenMP's default (idle threads spin briefly, then sleep). PASSIVE, which
+    # this node set before, puts them to sleep after every parallel region: a CPU request at 64x64 took
+    # 1.5x to 1.9x as long through the node (bench.end_to_end). Where several nodes share a few cores,
+    # an operator may still set it.
     from .app import create_app
     from .diffusers_engine import DiffusersEngine
 
