@@ -224,8 +224,8 @@ class S3ImageStore:
 
     async def presign(self, key: str) -> str:
         """A URL that reads the object for ``PRESIGN_S`` seconds, without credentials."""
-        url: str = await self._client.generate_presigned_url(
-            "get_object", Params={"Bucket": self.location.bucket, "Key": key}, ExpiresIn=PRESIGN_S
+        url: str = await self._call(
+            self._client.generate_presigned_url("get_object", Params={"Bucket": self.location.bucket, "Key": key}, ExpiresIn=PRESIGN_S)
         )
         return url
 

@@ -225,7 +225,11 @@ async def stream_image(request: web.Request) -> web.StreamResponse:
     if target.stored:
         store = _store_of(app)
         if app[CONFIG].stream_redirect:
-            return web.Response(status=302, headers={"Location": await store.presign(store.key(target.path)), "Cache-Control": "no-store"})
+            try:
+                location = await store.presign(store.key(target.path))
+            except StoreError as exc:  # e.g. credentials that could not be refreshed
+                raise BadGateway(f"The image store cannot be used now ({exc}); retry shortly.") from exc
+            return web.Response(status=302, headers={"Location": location, "Cache-Control": "no-store"})
         async with _stream_slot(app):
             return await _from_store(request, store, target)
     node_url = _fleet_node(app, target)
