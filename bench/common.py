@@ -260,6 +260,8 @@ class S3Server:
     ACCESS_KEY = "t2i-test-access"
     SECRET_KEY = "t2i-test-secret-key-for-seaweedfs"
     CREDENTIALS = {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_DEFAULT_REGION": "us-east-1"}
+    # A second identity that may only read and list: credentials that cannot write.
+    READ_ONLY = {"AWS_ACCESS_KEY_ID": "t2i-test-reader", "AWS_SECRET_ACCESS_KEY": "t2i-test-reader-secret-key-0123"}
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -290,7 +292,17 @@ class S3Server:
         data.mkdir(parents=True, exist_ok=True)
         identities = self.folder / "s3.json"
         credentials = [{"accessKey": self.ACCESS_KEY, "secretKey": self.SECRET_KEY}]
-        identities.write_text(json.dumps({"identities": [{"name": "t2i", "credentials": credentials, "actions": ["Admin"]}]}))
+        reader = [{"accessKey": self.READ_ONLY["AWS_ACCESS_KEY_ID"], "secretKey": self.READ_ONLY["AWS_SECRET_ACCESS_KEY"]}]
+        identities.write_text(
+            json.dumps(
+                {
+                    "identities": [
+                        {"name": "t2i", "credentials": credentials, "actions": ["Admin"]},
+                        {"name": "reader", "credentials": reader, "actions": ["Read", "List"]},
+                    ]
+                }
+            )
+        )
         args = [binary, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3", f"-s3.config={identities}"]
         args += ["-s3.port.iceberg=0", "-s3.port.lance=0", "-master.volumeSizeLimitMB=64", "-volume.max=64"]
         args += [f"-{name}={port}" for name, port in ports.items()]

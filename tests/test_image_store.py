@@ -24,7 +24,7 @@ from metrics import GatewayMetrics
 from t2i_common.config import ConfigError
 from t2i_gateway.app import POOL, create_app
 from t2i_gateway.config import GatewayConfig, load_config
-from t2i_gateway.image_store import PART_BYTES, StoreLocation
+from t2i_gateway.image_store import PART_BYTES, S3ImageStore, StoreLocation
 from t2i_gateway.images import image_size
 
 from .fakes import FakeOrchestrator, solid_png
@@ -215,6 +215,19 @@ async def test_a_store_that_cannot_be_used_stops_the_gateway_at_start(s3: S3Serv
     _, err = await process.communicate()
     assert process.returncode != 0
     assert f"the bucket {missing!r} does not exist" in err.decode(), err.decode()[-2000:]
+
+
+async def test_a_bucket_that_cannot_be_written_is_found_at_start(s3: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    prefix = new_prefix(s3)
+    for name, value in S3Server.READ_ONLY.items():
+        monkeypatch.setenv(name, value)
+    store = S3ImageStore(StoreLocation(BUCKET, f"{prefix}/"), endpoint=s3.url, ttl_s=60, timeout_s=5)
+    await store.start()
+    try:
+        with pytest.raises(ConfigError, match="the bucket cannot be written"):
+            await store.check()
+    finally:
+        await store.close()
 
 
 def test_store_options_are_checked() -> None:

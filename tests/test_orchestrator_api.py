@@ -13,7 +13,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from metrics import OrchestratorMetrics
-from t2i_orchestrator.app import create_app
+from t2i_orchestrator.app import STORE, create_app
 from t2i_orchestrator.config import OrchestratorConfig
 from t2i_orchestrator.models import ModelSpec
 
@@ -37,6 +37,24 @@ async def test_generates_images_with_consecutive_seeds_and_serves_them(make_clie
         assert download.status == 200
         assert download.headers["Content-Type"] == "image/png"
         assert (await download.read()).startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize(("fmt", "quality", "magic"), [("jpeg", 40, b"\xff\xd8"), ("webp", 90, b"RIFF")])
+async def test_each_format_is_written_served_and_refused_where_pillow_lacks_it(
+    make_client: MakeClient, fmt: str, quality: int, magic: bytes
+) -> None:
+    client = await make_client()
+    body = {"prompt": "a cat", "width": 64, "height": 64, "output_format": fmt, "output_compression": quality}
+    response = await client.post("/text-to-image", json=body)
+    [image] = (await response.json())["images"]
+    assert image["url"].endswith(f".{fmt}")
+    download = await client.session.get(image["url"])
+    assert download.headers["Content-Type"] == f"image/{fmt}" and (await download.read()).startswith(magic)
+    wrong = await client.session.get(image["url"].rsplit(".", 1)[0] + ".png")  # the same image under another format
+    assert wrong.status == 404
+    client.app[STORE].formats = frozenset({"png"})  # type: ignore[index]  # as on a Pillow built without it
+    refused = await client.post("/text-to-image", json=body)
+    assert refused.status == 400 and f"cannot write {fmt} images" in (await refused.json())["detail"]["msg"]
 
 
 async def test_without_seed_a_random_one_is_drawn(make_client: MakeClient) -> None:
