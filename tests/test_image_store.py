@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import secrets
+import signal
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -161,15 +162,23 @@ async def test_a_node_image_that_is_not_what_was_asked_for_is_the_nodes_fault(ma
     assert len(honest.requests) == 3 and len(await stored_keys(s3, prefix)) == 3
 
 
-async def test_a_store_that_fails_leaves_the_images_on_the_node(make_gateway: MakeGateway, s3: S3Server, tmp_path: Path) -> None:
-    own = S3Server(tmp_path)  # a store of this test's own, stopped after the gateway has started
+@pytest.mark.parametrize("fault", ["down", "hung"])
+async def test_a_store_that_fails_leaves_the_images_on_the_node(
+    make_gateway: MakeGateway, s3: S3Server, tmp_path: Path, fault: str
+) -> None:
+    own = S3Server(tmp_path)  # a store of this test's own, stopped or paused after the gateway has started
     own.start()
     try:
         prefix = new_prefix(own)
-        gateway = await make_gateway(FakeOrchestrator(), **store_options(own, prefix, store_timeout_s=2.0))
+        gateway = await make_gateway(FakeOrchestrator(), **store_options(own, prefix, store_timeout_s=1.0))
+        assert own.process is not None
+        if fault == "down":
+            own.stop()
+        else:  # it keeps its connections open and answers nothing: --store-timeout ends the wait
+            own.process.send_signal(signal.SIGSTOP)
+        response = await gateway.post()
     finally:
         own.stop()
-    response = await gateway.post()
     assert response.status == 200
     path = "/" + (await response.json())["images"][0]["url"].split("/", 3)[3]
     download = await gateway.client.get(path)
