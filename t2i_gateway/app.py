@@ -215,9 +215,7 @@ def _admit(request: web.Request, parse: Callable[[dict[str, Any]], TextToImageRe
 
 async def dispatch(request: web.Request, trace: _Trace, job: Job, model_id: str, notify: Notify | None) -> dict[str, Any]:
     """Run an admitted job on the network: the Livepeer result body, or an APIError."""
-    request_ = job.request
-    expected = Expected(request_.num_images_per_prompt, request_.output_format, request_.width, request_.height)
-    return await _observed(request, trace, job.request.prompt, model_id, job.forward, expected, notify)
+    return await _observed(request, trace, job.request.prompt, model_id, job.forward, Expected.of(job.request), notify)
 
 
 async def _observed(

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from t2i_common import IMAGE_PATH
+from t2i_common.schemas import TextToImageRequest
 from t2i_common.sse import EVENT_STREAM, Notify, read_events
 
 from .nodes import Node
@@ -37,6 +38,10 @@ class Expected:
     format: str = "png"
     width: int = 512
     height: int = 512
+
+    @classmethod
+    def of(cls, request: TextToImageRequest) -> Expected:
+        return cls(request.num_images_per_prompt, request.output_format, request.width, request.height)
 
 
 @dataclass(frozen=True, slots=True)

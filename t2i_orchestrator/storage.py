@@ -1,7 +1,8 @@
 """Generated images on disk: written off the event loop, served by unguessable ids, swept after a TTL.
 
 Layout: ``<root>/<id>/<name>.<format>`` where ``id`` (one per request) and ``name`` (one per image) are
-random hex strings, and the format is png, jpeg or webp. Because images live on disk, they survive a restart of the node until they expire.
+random hex strings, and the format is png, jpeg or webp. Because images live on disk, they survive a
+restart of the node until they expire.
 Earlier versions wrote to ``<root>/<port>/<id>/``: the sweep empties and removes those folders too.
 """
 
@@ -34,8 +35,9 @@ _IMAGE_ID = re.compile(IMAGE_ID_PATTERN)
 _IMAGE_NAME = re.compile(IMAGE_NAME_PATTERN)
 
 
-# zlib level 2: 3.6x (512²) and 4.6x (1024²) cheaper than Pillow's default 6 on photographs, at +8% and +11% bytes
-# (bench.encoding; BENCHMARKS.md). Level 1 is a little cheaper still, but one photograph grows by 16%.
+# zlib level 2: 3.7x to 4.5x less CPU than Pillow's default level 6 on photographs, for 8% (512x512) and
+# 11% (1024x1024) more bytes (bench.encoding, BENCHMARKS.md). Level 1 costs about the same, but one
+# photograph grows by 16% there.
 PNG_COMPRESS_LEVEL = 2
 _PILLOW_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 
