@@ -117,10 +117,10 @@ async def test_requests_spread_over_warm_nodes_and_images_come_through(network: 
             assert response.status == 200 and response.headers["Content-Type"] == "image/png"
             through_gateway = await response.read()
         token = image["url"].split("/")[-2]
-        _, image_id, name, _ = json.loads(base64.urlsafe_b64decode(token.split(".")[0] + "=="))  # no node address in it
+        _, image_id, name, fmt, _ = json.loads(base64.urlsafe_b64decode(token.split(".")[0] + "=="))  # no node address in it
         from_nodes = []
         for node in (a, b):
-            async with session.get(f"{node.url}/stream/{image_id}/{name}.png", headers={"Authorization": f"Bearer {SECRET}"}) as response:
+            async with session.get(f"{node.url}/stream/{image_id}/{name}.{fmt}", headers={"Authorization": f"Bearer {SECRET}"}) as response:
                 from_nodes += [await response.read()] if response.status == 200 else []
         assert from_nodes == [through_gateway]  # on exactly one node, byte for byte
 
