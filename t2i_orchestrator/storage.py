@@ -50,6 +50,7 @@ def encodable_formats() -> frozenset[str]:
 
 
 def _write_image(picture: Image, folder: Path, name: str, fmt: str, quality: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)  # here, on the image's own thread: one hand-off per image, not two
     # Under a temporary name, then renamed: a reader never sees half a file.
     partial = folder / f".{name}.partial"
     options = {"compress_level": PNG_COMPRESS_LEVEL} if fmt == "png" else {"quality": quality}
@@ -80,7 +81,6 @@ class ImageStore:
         """
         image_id = secrets.token_hex(16)
         folder = self.root / image_id
-        await aiofiles.os.makedirs(folder, exist_ok=True)
         names = [secrets.token_hex(8) for _ in pictures]
         await asyncio.gather(
             *(asyncio.to_thread(_write_image, picture, folder, name, fmt, quality) for picture, name in zip(pictures, names))
