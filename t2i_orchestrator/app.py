@@ -29,6 +29,8 @@ from .config import OrchestratorConfig
 from .device import DeviceQueue
 from .engine import Generation, InferenceEngine
 from .loras import LoraFetcher, LoraHub
+from .models import profile_for
+from .speed import SpeedMeter
 from .storage import ImageStore
 
 logger = logging.getLogger(__name__)
@@ -100,7 +102,10 @@ def create_app(
 
 async def _device_queue(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
-    device = DeviceQueue(app[METRICS], app[ENGINE], max_queue=config.max_queue, max_batch=config.max_batch, node_id=config.node_id)
+    speed = SpeedMeter({spec.model_id: profile_for(spec).default_steps for spec in config.models})
+    device = DeviceQueue(
+        app[METRICS], app[ENGINE], max_queue=config.max_queue, max_batch=config.max_batch, node_id=config.node_id, speed=speed
+    )
     app[DEVICE] = device
     yield
     await device.close()
@@ -315,6 +320,7 @@ def capabilities_report(app: web.Application) -> dict[str, Any]:
         "capacity": device.capacity,
         "in_flight": device.running,
         "queued": device.waiting,
+        "held_s": round(device.held_s(), 4),  # the work it holds, in seconds: what a gateway schedules by
         "models": [
             {
                 "model_id": spec.model_id,
@@ -322,6 +328,9 @@ def capabilities_report(app: web.Application) -> dict[str, Any]:
                 "warm": spec.warm,
                 "loaded": spec.model_id in loaded,
                 "capacity": spec.capacity,  # as the models file says; the node runs one job at a time
+                "s_per_mpx_step": device.speed.speed(spec.model_id),  # seconds per megapixel-step (speed.py); null until measured
+                "default_steps": device.speed.default_steps[spec.model_id],
+                "load_s": device.speed.load_s(spec.model_id),
             }
             for spec in config.models
         ],

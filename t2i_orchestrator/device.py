@@ -28,6 +28,7 @@ from t2i_common.errors import ServiceUnavailable
 from t2i_common.sse import Notify
 
 from .engine import GeneratedImage, Generation, GenerationCancelled, InferenceEngine
+from .speed import SpeedMeter
 
 StopCheck = Callable[[], bool]
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
@@ -86,7 +87,7 @@ class BatchPolicy:
 class _Entry:
     """A request waiting for the device: an engine generation (batchable) or other work (start, warm-up)."""
 
-    __slots__ = ("generation", "work", "key", "images", "notify", "future", "stop", "label", "queued_at")
+    __slots__ = ("generation", "work", "key", "images", "notify", "future", "stop", "label", "queued_at", "mpx_steps")
 
     def __init__(
         self,
@@ -106,6 +107,7 @@ class _Entry:
         self.future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.stop = threading.Event()  # its client went away
         self.queued_at = time.monotonic()
+        self.mpx_steps = 0.0  # its work (speed.work_of), set as it is queued
 
     def tell(self, event: str, data: dict[str, Any]) -> None:
         if self.notify and not self.stop.is_set():
@@ -124,6 +126,7 @@ class DeviceQueue:
         max_batch: int = 1,
         node_id: str = "",
         name: str = "t2i-device",
+        speed: SpeedMeter | None = None,
     ) -> None:
         self.max_queue = max_queue
         self.node_id = node_id
@@ -137,6 +140,9 @@ class DeviceQueue:
         metrics.queue_limit.set(max_queue)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._typical_job_s = 1.0  # moving average, for Retry-After
+        self.speed = speed or SpeedMeter({})
+        self._call_started = 0.0
+        self._call_expected_s = 0.0  # how long the call on the device now should take
         self._consumer = asyncio.get_running_loop().create_task(self._consume())
 
     @property
@@ -147,6 +153,17 @@ class DeviceQueue:
     def capacity(self) -> int:
         """Requests the node holds at once: one on the device, the rest waiting."""
         return 1 + self.max_queue
+
+    def held_s(self) -> float:
+        """The seconds of work this node holds: what is left of the call running, and the queue's."""
+        held = max(0.0, self._call_expected_s - (time.monotonic() - self._call_started)) if self.running else 0.0
+        return held + sum(self._expected_s([entry]) for entry in self._queue)
+
+    def _expected_s(self, entries: Sequence[_Entry]) -> float:
+        first = entries[0]
+        if first.generation is None:
+            return self._typical_job_s
+        return self.speed.expected_s(first.generation.model_id, sum(entry.mpx_steps for entry in entries), self._typical_job_s)
 
     def check_admission(self) -> None:
         """503 (with a Retry-After from the recent job times) when no more requests fit."""
@@ -176,6 +193,8 @@ class DeviceQueue:
         it has left.
         """
         self.check_admission()
+        if entry.generation is not None:
+            entry.mpx_steps = self.speed.work(entry.generation.request, entry.generation.model_id)
         self._queue.append(entry)
         self._metrics.queue_depth.set(self.waiting)
         entry.tell("queued", {"position": self.running + self.waiting - 1})
@@ -210,6 +229,7 @@ class DeviceQueue:
                 await self._wake.wait()
                 continue
             batch = self._take_batch()
+            self._call_started, self._call_expected_s = time.monotonic(), self._expected_s(batch)
             self.running = len(batch)
             self._metrics.in_flight.set(self.running)
             self._queue_moved()
@@ -268,6 +288,7 @@ class DeviceQueue:
         if engine.load(model_id):
             metrics.model_load.labels(model_id).observe(time.monotonic() - started)
             metrics.loaded_models.set(len(engine.loaded_models()))
+            self.speed.loaded(model_id, time.monotonic() - started)
 
         def on_step(step: int, steps: int) -> None:
             for entry in batch:
@@ -283,6 +304,7 @@ class DeviceQueue:
         seconds = time.monotonic() - started
         images = sum(entry.images for entry in batch)
         self.policy.record(_shape(first.key), images, seconds)
+        self.speed.record(model_id, sum(entry.mpx_steps for entry in batch), seconds)
         metrics.batch_size.observe(images)
         for _ in batch:  # each request in the call took the whole call
             metrics.inference.labels(model_id).observe(seconds)

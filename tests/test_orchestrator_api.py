@@ -18,7 +18,7 @@ from t2i_orchestrator.config import OrchestratorConfig
 from t2i_orchestrator.models import ModelSpec
 
 from .fakes import FakeEngine
-from .helpers import MakeClient, wait_ready
+from .helpers import MakeClient, wait_ready, wait_until
 
 
 async def test_generates_images_with_consecutive_seeds_and_serves_them(make_client: MakeClient) -> None:
@@ -189,10 +189,35 @@ async def test_capabilities_list_models_and_load_state(make_client: MakeClient) 
     client = await make_client()
     body = await (await client.get("/capabilities")).json()
     assert body["device"] == "fake" and body["version"] and body["node_id"]
-    assert body["models"] == [
-        {"model_id": "warm/model", "pipeline": "text-to-image", "warm": True, "loaded": True, "capacity": 1},
-        {"model_id": "cold/model", "pipeline": "text-to-image", "warm": False, "loaded": False, "capacity": 1},
+    shown = [
+        {key: model[key] for key in ("model_id", "pipeline", "warm", "loaded", "capacity", "default_steps")} for model in body["models"]
     ]
+    assert shown == [
+        {"model_id": "warm/model", "pipeline": "text-to-image", "warm": True, "loaded": True, "capacity": 1, "default_steps": 25},
+        {"model_id": "cold/model", "pipeline": "text-to-image", "warm": False, "loaded": False, "capacity": 1, "default_steps": 25},
+    ]
+    warm, cold = body["models"]
+    assert warm["load_s"] >= 0 and cold["load_s"] is None  # the warm one was loaded at start
+    assert warm["s_per_mpx_step"] is None and body["held_s"] == 0  # the warm-up call is no measure of speed
+
+
+async def test_capabilities_report_the_speed_measured_and_the_work_held(make_client: MakeClient, engine: FakeEngine) -> None:
+    client = await make_client()
+    small = {"prompt": "a", "width": 64, "height": 64, "num_inference_steps": 2}
+    assert (await client.post("/text-to-image", json=small)).status == 200
+    speed = (await (await client.get("/capabilities")).json())["models"][0]["s_per_mpx_step"]
+    assert speed > 0
+    engine.gate.clear()  # one request held on the device, one waiting behind it
+    held = [asyncio.create_task(client.post("/text-to-image", json={**small, "seed": seed})) for seed in (1, 2)]
+    await wait_until(lambda: engine.started.is_set())
+    body: dict[str, Any] = {}
+    while body.get("queued") != 1:
+        body = await (await client.get("/capabilities")).json()
+    # The waiting request's expected seconds at least: its work at the measured speed.
+    assert body["held_s"] >= 64 * 64 / 1e6 * 2 * speed
+    engine.gate.set()
+    assert [(await request).status for request in held] == [200, 200]
+    assert (await (await client.get("/capabilities")).json())["held_s"] == 0
 
 
 async def test_health_is_503_until_the_warm_models_are_loaded(aiohttp_client: Any, tmp_path: Path) -> None:
