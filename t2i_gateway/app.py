@@ -42,7 +42,7 @@ from t2i_common.sse import Notify, respond_with_events, wants_events
 
 from . import images, openai_api
 from .config import GatewayConfig
-from .nodes import NodePool, retry_after_s
+from .nodes import Demand, NodePool, retry_after_s
 from .openapi import build_openapi
 from .state import CONFIG, METRICS, POOL, SESSION, SIGNER
 from .stream_tokens import StreamSigner
@@ -215,11 +215,20 @@ def _admit(request: web.Request, parse: Callable[[dict[str, Any]], TextToImageRe
 
 async def dispatch(request: web.Request, trace: _Trace, job: Job, model_id: str, notify: Notify | None) -> dict[str, Any]:
     """Run an admitted job on the network: the Livepeer result body, or an APIError."""
-    return await _observed(request, trace, job.request.prompt, model_id, job.forward, Expected.of(job.request), notify)
+    wanted = job.request
+    demand = Demand(wanted.width * wanted.height * wanted.num_images_per_prompt / 1e6, wanted.num_inference_steps)
+    return await _observed(request, trace, wanted.prompt, model_id, job.forward, Expected.of(wanted), demand, notify)
 
 
 async def _observed(
-    request: web.Request, trace: _Trace, prompt: str, model_id: str, forward: dict[str, Any], expected: Expected, notify: Notify | None
+    request: web.Request,
+    trace: _Trace,
+    prompt: str,
+    model_id: str,
+    forward: dict[str, Any],
+    expected: Expected,
+    demand: Demand,
+    notify: Notify | None,
 ) -> dict[str, Any]:
     """``_generate`` with its metrics and its log line."""
     config, metrics_ = request.app[CONFIG], request.app[METRICS]
@@ -227,7 +236,7 @@ async def _observed(
     metrics_.in_flight.inc()
     status = 500
     try:
-        result = await _generate(request, trace, model_id, forward, expected, notify)
+        result = await _generate(request, trace, model_id, forward, expected, demand, notify)
         status = 200
         return result
     except APIError as error:
@@ -255,7 +264,13 @@ async def _observed(
 
 
 async def _generate(
-    request: web.Request, trace: _Trace, model_id: str, forward: dict[str, Any], expected: Expected, notify: Notify | None
+    request: web.Request,
+    trace: _Trace,
+    model_id: str,
+    forward: dict[str, Any],
+    expected: Expected,
+    demand: Demand,
+    notify: Notify | None,
 ) -> dict[str, Any]:
     """Try up to --max-attempts nodes within the request's deadline; the result body, or an APIError."""
     app = request.app
@@ -268,7 +283,7 @@ async def _generate(
     while trace.attempts < config.max_attempts:
         # Every suitable node full: wait for the first free slot, in arrival order (--queue-timeout).
         wait_s = min(config.queue_timeout_s, deadline - time.monotonic())
-        node = await pool.acquire(model_id, tried, timeout_s=max(0.0, wait_s), notify=notify)
+        node = await pool.acquire(model_id, tried, timeout_s=max(0.0, wait_s), notify=notify, demand=demand)
         if node is None:
             break
         remaining = deadline - time.monotonic()

@@ -46,12 +46,31 @@ MAX_PROBES_AT_ONCE = 64
 MAX_IDLE_PROBES_PER_S = 50.0  # beyond 250 nodes (at the default 5 s), idle ones are probed less often than --probe-interval
 
 
+# Nodes whose expected completion is within this of the soonest are equals, one taken at random: gateways
+# that share a fleet on reports a second old do not all pile onto the one fastest node.
+NEAR_SHARE = 0.1
+NEAR_S = 0.005
+
+
+@dataclass(frozen=True, slots=True)
+class Demand:
+    """A request's size, for scheduling: its megapixels (width x height x images) and steps (None: the model's default)."""
+
+    megapixels: float = 0.0
+    steps: int | None = None
+
+    def work(self, node: Node, model_id: str) -> float:
+        """In megapixel-steps, on ``node`` (whose default steps for the model apply when the request names none)."""
+        return self.megapixels * (self.steps or node.default_steps.get(model_id, 1))
+
+
 @dataclass(eq=False)
 class _Waiter:
     model_id: str
     exclude: set[str]
     future: asyncio.Future[Node]
     notify: Notify | None
+    demand: Demand
 
 
 @dataclass(eq=False, slots=True)  # slots: selection reads a few fields of nodes drawn from a large fleet
@@ -69,6 +88,13 @@ class Node:
     reported_busy: int = 0  # in_flight + queued, as it said at the last probe
     in_flight_at_probe: int = 0
     latency_s: float | None = None  # moving average of successful requests
+    # Its speed and load, as it reported them (t2i_orchestrator/speed.py): seconds per megapixel-step, per
+    # model; the seconds of work it held; and the expected seconds of what we sent it since.
+    speeds: dict[str, float] = field(default_factory=dict)
+    default_steps: dict[str, int] = field(default_factory=dict)
+    load_s: dict[str, float] = field(default_factory=dict)
+    held_s: float = 0.0
+    sent_s: float = 0.0
     next_probe: float = 0.0
     reports: bool = False  # its registry passes on its reports: probed only while in use or after a failure
     leaving: bool = False  # gone from discovery: no new requests; those in flight finish unless it is found down
@@ -90,6 +116,11 @@ class Node:
 
     def suspended(self, now: float) -> bool:
         return now < self.suspended_until
+
+    def expected_s(self, model_id: str, demand: Demand, speed: float) -> float:
+        """When a request would finish here: the work held, then its own at ``speed`` (and the model's load)."""
+        load = self.load_s.get(model_id, 0.0) if self.tiers.get(model_id) else 0.0
+        return self.held_s + self.sent_s + load + demand.work(self, model_id) * speed
 
 
 class NodePool:
@@ -134,8 +165,10 @@ class NodePool:
 
     # -- selection ----------------------------------------------------------------------------
 
-    def select(self, model_id: str, exclude: set[str]) -> Node | None:
-        """The best node for ``model_id``: warm before on-demand, then most free capacity, ties at random.
+    def select(self, model_id: str, exclude: set[str], demand: Demand | None = None) -> Node | None:
+        """The best node for ``model_id``: warm before on-demand, then where the request is expected to
+        finish first (``_soonest``), or, where no node has reported its speed, most free capacity, ties
+        at random.
 
         Among more than ``2 * SAMPLE`` nodes of a tier, the most free of ``SAMPLE`` drawn at random
         (the "power of d choices": nearly as even a spread, at a cost that does not grow with the fleet),
@@ -150,12 +183,12 @@ class NodePool:
             if len(nodes) > 2 * SAMPLE:
                 recent = [node for node in islice(reversed(self._idle), 2) if node.tiers.get(model_id) == tier]
                 for idle in recent:  # as free as the largest node of the tier can be: none drawn could beat it
-                    if 0 < self._largest[model_id][tier] <= idle.free() and _usable(idle, exclude, now):
-                        return idle
-                best = _most_free(recent + random.choices(nodes, k=SAMPLE), exclude, now)
+                    if not idle.speeds and 0 < self._largest[model_id][tier] <= idle.free() and _usable(idle, exclude, now):
+                        return idle  # (only by slot counting: a node that reports its speed is weighed against others)
+                best = _soonest(recent + random.choices(nodes, k=SAMPLE), model_id, demand, exclude, now)
                 if best is not None:
                     return best
-            best = _most_free(random.sample(nodes, len(nodes)), exclude, now)
+            best = _soonest(random.sample(nodes, len(nodes)), model_id, demand, exclude, now)
             if best is not None:
                 return best
         return None
@@ -168,20 +201,23 @@ class NodePool:
             return True
         return len(self._waiters) < self.max_queued and self._serves(model_id, exclude=set())
 
-    async def acquire(self, model_id: str, exclude: set[str], *, timeout_s: float, notify: Notify | None = None) -> Node | None:
+    async def acquire(
+        self, model_id: str, exclude: set[str], *, timeout_s: float, notify: Notify | None = None, demand: Demand | None = None
+    ) -> Node | None:
         """A node for ``model_id`` with a slot taken for this request (``release`` gives it back).
 
         When every suitable node is full, the request waits for the first free slot, behind those that
         came before it, for up to ``timeout_s``. None at once when no ready node serves the model (or the
         queue is full), and None after the wait.
         """
+        demand = demand or Demand()
         if not self._waiting_for(model_id):
-            node = self.select(model_id, exclude)
+            node = self.select(model_id, exclude, demand)
             if node is not None:
-                return self._take(node)
+                return self._take(node, model_id, demand)
         if len(self._waiters) >= self.max_queued or not self._serves(model_id, exclude):
             return None
-        waiter = _Waiter(model_id, exclude, asyncio.get_running_loop().create_future(), notify)
+        waiter = _Waiter(model_id, exclude, asyncio.get_running_loop().create_future(), notify, demand)
         self._waiters.append(waiter)
         self._queue_moved()
         try:
@@ -206,8 +242,9 @@ class NodePool:
                 self._idle[node] = None
         self._grant()
 
-    def _take(self, node: Node) -> Node:
+    def _take(self, node: Node, model_id: str, demand: Demand) -> Node:
         node.in_flight += 1
+        node.sent_s += demand.work(node, model_id) * node.speeds.get(model_id, 0.0)  # until its next report says
         node.next_probe = min(node.next_probe, time.monotonic() + BUSY_PROBE_S)  # in use: probed every second
         self._idle.pop(node, None)
         return node
@@ -215,9 +252,9 @@ class NodePool:
     def _grant(self) -> None:
         granted = False
         for waiter in list(self._waiters):
-            node = self.select(waiter.model_id, waiter.exclude)
+            node = self.select(waiter.model_id, waiter.exclude, waiter.demand)
             if node is not None:
-                waiter.future.set_result(self._take(node))
+                waiter.future.set_result(self._take(node, waiter.model_id, waiter.demand))
                 self._waiters.remove(waiter)
                 granted = True
         if granted:
@@ -488,6 +525,11 @@ class NodePool:
             self._stale = True  # the largest capacity on offer may have changed
         node.reported_busy = int(capabilities["in_flight"]) + int(capabilities["queued"])
         node.in_flight_at_probe = node.in_flight
+        node.held_s, node.sent_s = float(capabilities.get("held_s", 0.0)), 0.0
+        models = capabilities["models"]
+        node.speeds = {m["model_id"]: float(m["s_per_mpx_step"]) for m in models if m.get("s_per_mpx_step")}
+        node.default_steps = {m["model_id"]: int(m["default_steps"]) for m in models if m.get("default_steps")}
+        node.load_s = {m["model_id"]: float(m["load_s"]) for m in models if m.get("load_s") is not None}
         tiers = {m["model_id"]: 0 if m["warm"] or m["loaded"] else 1 for m in capabilities["models"]}
         was_ready = node.ready
         node.ready = capabilities.get("status", "ready") == "ready"
@@ -536,6 +578,8 @@ class NodePool:
                     "free": node.free() if node.capabilities else None,
                     "in_flight": node.in_flight,
                     "latency_s": None if node.latency_s is None else round(node.latency_s, 3),
+                    "s_per_mpx_step": {model: round(speed, 6) for model, speed in node.speeds.items()},  # as it measured
+                    "held_s": round(node.held_s + node.sent_s, 3),  # as it reported, and what we sent since
                     "known_by": "reports" if node.reports else "probes",  # while idle: its registry reports, or our probes
                 }
             )
@@ -558,7 +602,40 @@ def _check_capabilities(body: Any) -> dict[str, Any]:
         raise ValueError("/capabilities has no valid 'models' list")
     if not isinstance(body.get("status", "ready"), str):
         raise ValueError("/capabilities has an invalid 'status'")
+    # The speed report (optional: nodes of earlier versions send none); bounded, so that no value can
+    # overflow or poison the arithmetic of selection.
+    if not _number(body.get("held_s", 0.0), 0.0):
+        raise ValueError("/capabilities has an invalid 'held_s'")
+    for m in models:
+        if not (
+            _number(m.get("s_per_mpx_step"), 1e-9, none=True)
+            and _number(m.get("load_s"), 0.0, none=True)
+            and (m.get("default_steps") is None or (type(m["default_steps"]) is int and 1 <= m["default_steps"] <= 10_000))
+        ):
+            raise ValueError(f"/capabilities has an invalid speed report for {m['model_id'][:100]!r}")
     return body
+
+
+def _number(value: Any, low: float, *, none: bool = False) -> bool:
+    """A finite JSON number from ``low`` to a million (or None, where ``none``)."""
+    if value is None:
+        return none
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and low <= value <= 1e6
+
+
+def _soonest(nodes: list[Node], model_id: str, demand: Demand | None, exclude: set[str], now: float) -> Node | None:
+    """Where a request would finish first: the node with a free slot whose expected completion (the work
+    it holds, plus ours since its report, plus this request's at its speed) is least, at random among
+    those within ``NEAR_SHARE`` of it. A node whose speed is not known yet counts as fast as the fastest
+    known (so it is tried, and measured); when no node's is known, the most free one (slot counting)."""
+    usable = [node for node in nodes if _usable(node, exclude, now) and node.free() > 0]
+    known = [node.speeds[model_id] for node in usable if model_id in node.speeds]
+    if demand is None or not known:
+        return _most_free(usable, exclude, now)
+    fastest = min(known)
+    costs = [(node.expected_s(model_id, demand, node.speeds.get(model_id, fastest)), node) for node in usable]
+    best = min(cost for cost, _ in costs)
+    return random.choice([node for cost, node in costs if cost <= best * (1 + NEAR_SHARE) + NEAR_S])
 
 
 def _most_free(nodes: list[Node], exclude: set[str], now: float) -> Node | None:

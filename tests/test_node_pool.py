@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from discovery import Endpoint, StaticDiscovery
 from metrics import GatewayMetrics
-from t2i_gateway.nodes import MAX_PROBES_AT_ONCE, Node, NodePool
+from t2i_gateway.nodes import MAX_PROBES_AT_ONCE, Demand, Node, NodePool, _check_capabilities
 
 
 def pool_of(count: int, *, warm: str = "m/warm", cold: str = "m/cold", capacity: int = 4) -> NodePool:
@@ -312,3 +312,108 @@ async def test_a_request_that_leaves_as_its_slot_is_granted_gives_it_back_once()
     with pytest.raises(asyncio.CancelledError):
         await waiting
     assert node.in_flight == 0 and pool.select("m/warm", set()) is node
+
+
+# -- scheduling by expected completion ------------------------------------------------------------
+
+SMALL = Demand(megapixels=512 * 512 / 1e6, steps=1)  # 0.26 megapixel-steps
+LARGE = Demand(megapixels=1024 * 1024 / 1e6, steps=4)  # 4.2: 16 times the work
+
+
+def speed_report(pool: NodePool, node: Node, *, speed: float | None, held_s: float, busy: int = 0) -> None:
+    """What the node says in /capabilities (or its Redis report), through the pool's own parsing."""
+    model = {"model_id": "m/warm", "pipeline": "text-to-image", "warm": True, "loaded": True, "s_per_mpx_step": speed, "default_steps": 2}
+    capabilities = {"capacity": 4, "in_flight": min(busy, 1), "queued": max(0, busy - 1), "held_s": held_s, "models": [model]}
+    pool._apply(node, _check_capabilities(capabilities), time.monotonic())  # noqa: SLF001 - as a probe or a report would
+
+
+def two_nodes() -> tuple[NodePool, Node, Node]:
+    pool = pool_of(2)
+    fast, slow = pool.nodes.values()
+    return pool, fast, slow
+
+
+def test_a_slow_node_with_a_shorter_queue_loses_to_a_fast_one_with_a_longer_queue() -> None:
+    pool, fast, slow = two_nodes()
+    speed_report(pool, fast, speed=0.1, held_s=0.3, busy=3)  # three requests held, 0.3 s of work
+    speed_report(pool, slow, speed=0.4, held_s=0.1, busy=1)
+    # Slot counting would pick the slow node (3 free against 1); it would finish the large request in
+    # 0.1 + 4.2 x 0.4 = 1.8 s, the fast one in 0.3 + 4.2 x 0.1 = 0.72 s.
+    assert all(pool.select("m/warm", set(), LARGE) is fast for _ in range(50))
+    assert all(pool.select("m/warm", set()) is slow for _ in range(50))  # without a demand: most free, as before
+
+
+def test_a_small_request_may_go_to_the_idle_slow_node_that_a_large_one_avoids() -> None:
+    pool, fast, slow = two_nodes()
+    speed_report(pool, fast, speed=0.1, held_s=0.5, busy=2)
+    speed_report(pool, slow, speed=0.4, held_s=0.0)
+    assert all(pool.select("m/warm", set(), SMALL) is slow for _ in range(50))  # 0.10 s there, 0.53 s on the fast one
+    assert all(pool.select("m/warm", set(), LARGE) is fast for _ in range(50))  # 0.92 s there, 1.68 s on the slow one
+
+
+def test_the_default_steps_a_node_reports_count_for_a_request_that_names_none() -> None:
+    pool, fast, slow = two_nodes()
+    speed_report(pool, fast, speed=0.1, held_s=0.0)
+    assert SMALL.work(fast, "m/warm") == pytest.approx(0.262144)
+    assert Demand(megapixels=1.0).work(fast, "m/warm") == 2.0  # its model's 2 steps
+
+
+async def test_an_unknown_node_is_tried_and_then_weighed_by_what_it_measured() -> None:
+    pool, known, new = two_nodes()
+    speed_report(pool, known, speed=0.1, held_s=0.2, busy=1)
+    speed_report(pool, new, speed=None, held_s=0.0)  # it has not measured its speed yet
+    assert all(pool.select("m/warm", set(), LARGE) is new for _ in range(20))  # counted as fast as the fastest known
+    speed_report(pool, new, speed=1.0, held_s=0.0)  # measured: ten times slower
+    assert all(pool.select("m/warm", set(), LARGE) is known for _ in range(20))
+
+
+def test_a_node_that_slows_down_is_followed() -> None:
+    pool, first, second = two_nodes()
+    speed_report(pool, first, speed=0.1, held_s=0.0)
+    speed_report(pool, second, speed=0.2, held_s=0.0)
+    assert all(pool.select("m/warm", set(), LARGE) is first for _ in range(20))
+    speed_report(pool, first, speed=0.5, held_s=0.0)  # heat, a neighbour process: its own measure says so
+    assert all(pool.select("m/warm", set(), LARGE) is second for _ in range(20))
+
+
+async def test_two_gateways_on_stale_reports_spread_over_near_equals_and_count_their_own_requests() -> None:
+    gateways = []
+    for _ in range(2):  # each gateway has its own pool; both see the same (stale) reports
+        pool = pool_of(3, capacity=8)
+        nodes = list(pool.nodes.values())
+        for node, speed in zip(nodes, (0.10, 0.105, 0.4)):
+            speed_report(pool, node, speed=speed, held_s=0.0)
+        gateways.append((pool, nodes))
+    # Without new reports, each gateway's own requests count on the node they went to: four requests
+    # from each spread over the two fast nodes (near equals, taken at random), none to the slow one
+    # until those hold more than it would take.
+    picks: Counter[str] = Counter()
+    for _ in range(4):
+        for pool, _nodes in gateways:
+            taken = await pool.acquire("m/warm", set(), timeout_s=0, demand=LARGE)
+            assert taken is not None
+            picks[taken.url.rsplit(".", 1)[1]] += 1
+    fast, near, slow = (node.url.rsplit(".", 1)[1] for node in gateways[0][1])
+    assert picks[fast] == picks[near] == 4 and picks[slow] == 0
+    # Near equals are taken at random: neither gateway piles every first request on the fastest node.
+    pool = pool_of(2)
+    first, second = pool.nodes.values()
+    speed_report(pool, first, speed=0.100, held_s=0.0)
+    speed_report(pool, second, speed=0.104, held_s=0.0)
+    firsts = Counter(pool.select("m/warm", set(), LARGE) is first for _ in range(400))
+    assert 100 < firsts[True] < 300
+
+
+def test_a_node_lying_about_its_speed_or_load_in_unusable_ways_is_not_believed() -> None:
+    model: dict[str, Any] = {"model_id": "m", "warm": True, "loaded": True}
+    good: dict[str, Any] = {"capacity": 1, "in_flight": 0, "queued": 0, "models": [model]}
+    _check_capabilities(good)  # an earlier version's report: no speed at all
+    bad_models: list[dict[str, Any]] = [{"s_per_mpx_step": 0}, {"s_per_mpx_step": 1e300}, {"default_steps": True}, {"load_s": -5}]
+    for bad in (
+        {**good, "held_s": -1},
+        {**good, "held_s": float("inf")},
+        {**good, "held_s": "0"},
+        *({**good, "models": [{**model, **fields}]} for fields in bad_models),
+    ):
+        with pytest.raises(ValueError):
+            _check_capabilities(bad)
