@@ -288,7 +288,7 @@ async def _generate(
             break
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            pool.release(node)
+            pool.release(node, model_id, demand)
             raise GatewayTimeout(f"No orchestrator answered within the request's {config.request_timeout_s:.0f} s deadline.")
         if last is not None:
             metrics_.retries.inc()
@@ -319,7 +319,7 @@ async def _generate(
             # Counted before the slot goes back: a node that left is forgotten (its series too) at its release.
             metrics_.attempts.labels(node.url, last.outcome).inc()
         finally:
-            pool.release(node)
+            pool.release(node, model_id, demand)
         if last.outcome == "ok":
             pool.succeeded(node, time.monotonic() - started)
             return result

@@ -224,7 +224,7 @@ class NodePool:
             await asyncio.wait([waiter.future], timeout=timeout_s)
         except asyncio.CancelledError:  # this very wait was cancelled (its client left)
             if waiter.future.done():
-                self.release(waiter.future.result())  # granted as it left: the slot goes on, once
+                self.release(waiter.future.result(), model_id, demand)  # granted as it left: the slot goes on, once
             raise
         finally:
             if waiter in self._waiters:
@@ -232,9 +232,12 @@ class NodePool:
                 self._queue_moved()
         return waiter.future.result() if waiter.future.done() else None
 
-    def release(self, node: Node) -> None:
-        """This request is done with ``node``: its slot goes to the first waiting request it suits."""
+    def release(self, node: Node, model_id: str = "", demand: Demand | None = None) -> None:
+        """This request (for ``model_id``, of ``demand``) is done with ``node``: its work is no longer held
+        there, and its slot goes to the first waiting request it suits."""
         node.in_flight -= 1
+        if demand is not None:  # (if a report came since, it counted the request: then there is nothing to take off)
+            node.sent_s = max(0.0, node.sent_s - demand.work(node, model_id) * node.speeds.get(model_id, 0.0))
         if not node.in_flight:
             if node.leaving:
                 self._remove(node)  # its last request has finished there

@@ -94,6 +94,22 @@ async def test_unknown_model_is_a_400_listing_the_offer(make_gateway: MakeGatewa
     assert "m/missing" in message and "m/warm" in message
 
 
+async def test_requests_go_where_they_finish_first_and_orchestrators_shows_the_speeds(make_gateway: MakeGateway) -> None:
+    def offer(speed: float) -> list[dict[str, object]]:
+        return [
+            {"model_id": "m/warm", "pipeline": "text-to-image", "warm": True, "loaded": True, "s_per_mpx_step": speed, "default_steps": 2}
+        ]
+
+    slow, fast = FakeOrchestrator(offer(0.4), capacity=8), FakeOrchestrator(offer(0.1), capacity=2)  # slot counting: the slow one
+    gateway = await make_gateway(slow, fast)
+    large = {"prompt": "a cat", "width": 1024, "height": 1024, "num_inference_steps": 4}
+    for _ in range(5):
+        assert (await gateway.post(large)).status == 200
+    assert len(fast.requests) == 5 and slow.requests == []  # one at a time: each done before the next is sent
+    view = {n["url"]: n for n in (await (await gateway.client.get("/orchestrators")).json())["orchestrators"]}
+    assert view[gateway.url_of(0)]["s_per_mpx_step"] == {"m/warm": 0.4} and view[gateway.url_of(1)]["held_s"] == 0
+
+
 async def test_failure_is_retried_elsewhere_and_the_node_suspended(make_gateway: MakeGateway) -> None:
     bad, good = FakeOrchestrator(capacity=8), FakeOrchestrator(capacity=4)  # the bad node, with more room, is tried first
     bad.mode = "fail"  # its requests fail while its probes pass
