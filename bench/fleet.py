@@ -67,6 +67,11 @@ GOAL_RATIO = 0.9
 # -- the fake fleet (a child process) -------------------------------------------------------------
 
 
+def fake_speed(host: str) -> float:
+    """Seconds per megapixel-step of a fake node: 0.05 to 0.2, the same for a host every time."""
+    return 0.05 * (1 + sum(host.encode()) % 4)
+
+
 def fake_report(host: str, capacity: int) -> dict[str, Any]:
     """A fake node's ``/capabilities``, which is also the report its heartbeat carries."""
     return {
@@ -77,8 +82,17 @@ def fake_report(host: str, capacity: int) -> dict[str, Any]:
         "capacity": capacity,
         "in_flight": 0,
         "queued": 0,
+        "held_s": 0.0,
         "models": [
-            {"model_id": MODEL, "pipeline": "text-to-image", "warm": True, "loaded": True},
+            # Speeds of a mixed fleet (1x to 4x), as nodes measure and report them: selection weighs them.
+            {
+                "model_id": MODEL,
+                "pipeline": "text-to-image",
+                "warm": True,
+                "loaded": True,
+                "s_per_mpx_step": fake_speed(host),
+                "default_steps": 1,
+            },
             {"model_id": OTHER, "pipeline": "text-to-image", "warm": False, "loaded": False},
         ],
     }
@@ -251,19 +265,22 @@ def selection_us(size: int, batches: int = 60, per_batch: int = 200) -> float:
 
     from discovery import Endpoint, StaticDiscovery
     from metrics import GatewayMetrics
-    from t2i_gateway.nodes import Node, NodePool
+    from t2i_gateway.nodes import Demand, Node, NodePool
 
     pool = NodePool(StaticDiscovery(()), GatewayMetrics(CollectorRegistry()))
     for i in range(size):
         node = Node(Endpoint(f"http://10.0.{i // 250}.{i % 250}:8936"), ready=True, capacity=8, tiers={MODEL: 0, OTHER: 1})
         node.in_flight = random.randrange(8)  # some load, as under traffic
+        node.speeds = {MODEL: fake_speed(node.url)}  # as reported: weighed by expected completion
+        node.held_s = node.in_flight * 0.05
         pool.nodes[node.url] = node
-    assert pool.select(MODEL, exclude=set()) is not None  # builds the index once, as the first request does
+    demand = Demand(megapixels=0.26, steps=1)  # 512x512, 1 step
+    assert pool.select(MODEL, exclude=set(), demand=demand) is not None  # builds the index once, as the first request does
     times = []
     for _ in range(batches):
         started = time.perf_counter()
         for _ in range(per_batch):
-            pool.select(MODEL, exclude=set())
+            pool.select(MODEL, exclude=set(), demand=demand)
             pool.models_on_offer()
             pool.default_model()
         times.append((time.perf_counter() - started) / per_batch * 1e6)
