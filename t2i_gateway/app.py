@@ -321,7 +321,7 @@ async def _generate(
         finally:
             pool.release(node, model_id, demand)
         if last.outcome == "ok":
-            pool.succeeded(node, time.monotonic() - started)
+            pool.succeeded(node, time.monotonic() - started, model_id, demand)
             return result
         logger.info("request %s: attempt on %s: %s %s", trace.request_id, node.url, last.outcome, last.reason)
         if last.outcome == "client_error":

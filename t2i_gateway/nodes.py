@@ -50,6 +50,13 @@ MAX_IDLE_PROBES_PER_S = 50.0  # beyond 250 nodes (at the default 5 s), idle ones
 # that share a fleet on reports a second old do not all pile onto the one fastest node.
 NEAR_SHARE = 0.1
 NEAR_S = 0.005
+# A node's reported speed is checked against what this gateway sees: over its last OBSERVED requests of
+# at least OBSERVED_WORK megapixel-steps (smaller ones are mostly overhead), the quickest took seconds per
+# megapixel-step; a report more than DISBELIEF times faster than that is a node bidding for work it cannot
+# do (a registry is open to whoever can write to it): the observation counts instead.
+OBSERVED = 8
+OBSERVED_WORK = 0.25
+DISBELIEF = 4.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +102,7 @@ class Node:
     load_s: dict[str, float] = field(default_factory=dict)
     held_s: float = 0.0
     sent_s: float = 0.0
+    observed: dict[str, deque[float]] = field(default_factory=dict)  # model -> seconds per megapixel-step of our last requests
     next_probe: float = 0.0
     reports: bool = False  # its registry passes on its reports: probed only while in use or after a failure
     leaving: bool = False  # gone from discovery: no new requests; those in flight finish unless it is found down
@@ -116,6 +124,15 @@ class Node:
 
     def suspended(self, now: float) -> bool:
         return now < self.suspended_until
+
+    def speed(self, model_id: str) -> float | None:
+        """Seconds per megapixel-step: as reported, unless what we saw says it is far slower."""
+        reported = self.speeds.get(model_id)
+        seen = self.observed.get(model_id)
+        if reported is None or not seen or len(seen) < 3:
+            return reported
+        quickest = min(seen)
+        return quickest if quickest > DISBELIEF * reported else reported
 
     def expected_s(self, model_id: str, demand: Demand, speed: float) -> float:
         """When a request would finish here: the work held, then its own at ``speed`` (and the model's load)."""
@@ -237,7 +254,7 @@ class NodePool:
         there, and its slot goes to the first waiting request it suits."""
         node.in_flight -= 1
         if demand is not None:  # (if a report came since, it counted the request: then there is nothing to take off)
-            node.sent_s = max(0.0, node.sent_s - demand.work(node, model_id) * node.speeds.get(model_id, 0.0))
+            node.sent_s = max(0.0, node.sent_s - demand.work(node, model_id) * (node.speed(model_id) or 0.0))
         if not node.in_flight:
             if node.leaving:
                 self._remove(node)  # its last request has finished there
@@ -247,7 +264,7 @@ class NodePool:
 
     def _take(self, node: Node, model_id: str, demand: Demand) -> Node:
         node.in_flight += 1
-        node.sent_s += demand.work(node, model_id) * node.speeds.get(model_id, 0.0)  # until its next report says
+        node.sent_s += demand.work(node, model_id) * (node.speed(model_id) or 0.0)  # until its next report says
         node.next_probe = min(node.next_probe, time.monotonic() + BUSY_PROBE_S)  # in use: probed every second
         self._idle.pop(node, None)
         return node
@@ -347,9 +364,12 @@ class NodePool:
 
     # -- outcomes of requests -----------------------------------------------------------------
 
-    def succeeded(self, node: Node, seconds: float) -> None:
+    def succeeded(self, node: Node, seconds: float, model_id: str = "", demand: Demand | None = None) -> None:
         node.failures = node.suspensions = 0
         node.latency_s = seconds if node.latency_s is None else 0.8 * node.latency_s + 0.2 * seconds
+        work = demand.work(node, model_id) if demand else 0.0
+        if work >= OBSERVED_WORK and len(node.observed) < 64:  # (a node offers few models; a liar may list many)
+            node.observed.setdefault(model_id, deque(maxlen=OBSERVED)).append(seconds / work)
 
     def busy(self, node: Node) -> None:
         """It refused for lack of capacity: not a fault, but count it full until the next probe."""
@@ -632,11 +652,12 @@ def _soonest(nodes: list[Node], model_id: str, demand: Demand | None, exclude: s
     those within ``NEAR_SHARE`` of it. A node whose speed is not known yet counts as fast as the fastest
     known (so it is tried, and measured); when no node's is known, the most free one (slot counting)."""
     usable = [node for node in nodes if _usable(node, exclude, now) and node.free() > 0]
-    known = [node.speeds[model_id] for node in usable if model_id in node.speeds]
+    speeds = [node.speed(model_id) for node in usable]
+    known = [speed for speed in speeds if speed is not None]
     if demand is None or not known:
         return _most_free(usable, exclude, now)
     fastest = min(known)
-    costs = [(node.expected_s(model_id, demand, node.speeds.get(model_id, fastest)), node) for node in usable]
+    costs = [(node.expected_s(model_id, demand, fastest if speed is None else speed), node) for node, speed in zip(usable, speeds)]
     best = min(cost for cost, _ in costs)
     return random.choice([node for cost, node in costs if cost <= best * (1 + NEAR_SHARE) + NEAR_S])
 

@@ -417,3 +417,19 @@ def test_a_node_lying_about_its_speed_or_load_in_unusable_ways_is_not_believed()
     ):
         with pytest.raises(ValueError):
             _check_capabilities(bad)
+
+
+def test_a_node_that_reports_itself_far_faster_than_it_answers_is_weighed_by_what_it_does() -> None:
+    pool, liar, honest = two_nodes()
+    speed_report(pool, liar, speed=0.000001, held_s=0.0)  # bidding for every request
+    speed_report(pool, honest, speed=0.1, held_s=0.0)
+    assert pool.select("m/warm", set(), LARGE) is liar
+    for _ in range(3):  # what this gateway saw: 4.2 megapixel-steps in 2.1 s each time
+        pool.succeeded(liar, 2.1, "m/warm", LARGE)
+    assert liar.speed("m/warm") == pytest.approx(2.1 / LARGE.work(liar, "m/warm"))  # 0.5: the quickest it was seen
+    assert all(pool.select("m/warm", set(), LARGE) is honest for _ in range(20))
+    for _ in range(8):  # an honest node's own quickest requests agree with its report: believed
+        pool.succeeded(honest, 0.5, "m/warm", LARGE)
+    assert honest.speed("m/warm") == 0.1
+    pool.succeeded(honest, 0.01, "m/warm", SMALL)  # small requests are mostly overhead: not counted
+    assert len(honest.observed["m/warm"]) == 8
