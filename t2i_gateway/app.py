@@ -286,9 +286,10 @@ async def _generate(
         node = await pool.acquire(model_id, tried, timeout_s=max(0.0, wait_s), notify=notify, demand=demand)
         if node is None:
             break
+        epoch = node.epoch
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            pool.release(node, model_id, demand)
+            pool.release(node, model_id, demand, epoch)
             raise GatewayTimeout(f"No orchestrator answered within the request's {config.request_timeout_s:.0f} s deadline.")
         if last is not None:
             metrics_.retries.inc()
@@ -319,7 +320,7 @@ async def _generate(
             # Counted before the slot goes back: a node that left is forgotten (its series too) at its release.
             metrics_.attempts.labels(node.url, last.outcome).inc()
         finally:
-            pool.release(node, model_id, demand)
+            pool.release(node, model_id, demand, epoch)
         if last.outcome == "ok":
             pool.succeeded(node, time.monotonic() - started, model_id, demand)
             return result

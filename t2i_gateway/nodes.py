@@ -102,6 +102,8 @@ class Node:
     load_s: dict[str, float] = field(default_factory=dict)
     held_s: float = 0.0
     sent_s: float = 0.0
+    reported_at: float = 0.0  # when held_s was said (monotonic): it has run down since
+    epoch: int = 0  # counts its reports: a request taken before the last one is in its held_s, not in sent_s
     observed: dict[str, deque[float]] = field(default_factory=dict)  # model -> seconds per megapixel-step of our last requests
     next_probe: float = 0.0
     reports: bool = False  # its registry passes on its reports: probed only while in use or after a failure
@@ -134,10 +136,12 @@ class Node:
         quickest = min(seen)
         return quickest if quickest > DISBELIEF * reported else reported
 
-    def expected_s(self, model_id: str, demand: Demand, speed: float) -> float:
-        """When a request would finish here: the work held, then its own at ``speed`` (and the model's load)."""
+    def expected_s(self, model_id: str, demand: Demand, speed: float, now: float) -> float:
+        """When a request would finish here: the work held (what is left of it since the report, and what
+        we sent since), then its own at ``speed`` (and the model's load)."""
         load = self.load_s.get(model_id, 0.0) if self.tiers.get(model_id) else 0.0
-        return self.held_s + self.sent_s + load + demand.work(self, model_id) * speed
+        held = max(0.0, self.held_s - (now - self.reported_at)) + self.sent_s
+        return held + load + demand.work(self, model_id) * speed
 
 
 class NodePool:
@@ -241,7 +245,8 @@ class NodePool:
             await asyncio.wait([waiter.future], timeout=timeout_s)
         except asyncio.CancelledError:  # this very wait was cancelled (its client left)
             if waiter.future.done():
-                self.release(waiter.future.result(), model_id, demand)  # granted as it left: the slot goes on, once
+                granted = waiter.future.result()
+                self.release(granted, model_id, demand, granted.epoch)  # granted as it left: the slot goes on, once
             raise
         finally:
             if waiter in self._waiters:
@@ -249,11 +254,11 @@ class NodePool:
                 self._queue_moved()
         return waiter.future.result() if waiter.future.done() else None
 
-    def release(self, node: Node, model_id: str = "", demand: Demand | None = None) -> None:
-        """This request (for ``model_id``, of ``demand``) is done with ``node``: its work is no longer held
-        there, and its slot goes to the first waiting request it suits."""
+    def release(self, node: Node, model_id: str = "", demand: Demand | None = None, epoch: int | None = None) -> None:
+        """This request (for ``model_id``, of ``demand``, taken at the node's report ``epoch``) is done with
+        ``node``: its work is no longer held there, and its slot goes to the first waiting request it suits."""
         node.in_flight -= 1
-        if demand is not None:  # (if a report came since, it counted the request: then there is nothing to take off)
+        if demand is not None and epoch == node.epoch:  # else a report since counted it, and has run it down
             node.sent_s = max(0.0, node.sent_s - demand.work(node, model_id) * (node.speed(model_id) or 0.0))
         if not node.in_flight:
             if node.leaving:
@@ -548,7 +553,8 @@ class NodePool:
             self._stale = True  # the largest capacity on offer may have changed
         node.reported_busy = int(capabilities["in_flight"]) + int(capabilities["queued"])
         node.in_flight_at_probe = node.in_flight
-        node.held_s, node.sent_s = float(capabilities.get("held_s", 0.0)), 0.0
+        node.held_s, node.sent_s, node.reported_at = float(capabilities.get("held_s", 0.0)), 0.0, now
+        node.epoch += 1
         models = capabilities["models"]
         node.speeds = {m["model_id"]: float(m["s_per_mpx_step"]) for m in models if m.get("s_per_mpx_step")}
         node.default_steps = {m["model_id"]: int(m["default_steps"]) for m in models if m.get("default_steps")}
@@ -602,7 +608,9 @@ class NodePool:
                     "in_flight": node.in_flight,
                     "latency_s": None if node.latency_s is None else round(node.latency_s, 3),
                     "s_per_mpx_step": {model: round(speed, 6) for model, speed in node.speeds.items()},  # as it measured
-                    "held_s": round(node.held_s + node.sent_s, 3),  # as it reported, and what we sent since
+                    "held_s": round(
+                        max(0.0, node.held_s - (now - node.reported_at)) + node.sent_s, 3
+                    ),  # as reported, run down since, and what we sent since
                     "known_by": "reports" if node.reports else "probes",  # while idle: its registry reports, or our probes
                 }
             )
@@ -657,7 +665,7 @@ def _soonest(nodes: list[Node], model_id: str, demand: Demand | None, exclude: s
     if demand is None or not known:
         return _most_free(usable, exclude, now)
     fastest = min(known)
-    costs = [(node.expected_s(model_id, demand, fastest if speed is None else speed), node) for node, speed in zip(usable, speeds)]
+    costs = [(node.expected_s(model_id, demand, fastest if speed is None else speed, now), node) for node, speed in zip(usable, speeds)]
     best = min(cost for cost, _ in costs)
     return random.choice([node for cost, node in costs if cost <= best * (1 + NEAR_SHARE) + NEAR_S])
 

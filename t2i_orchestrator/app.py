@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import math
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -230,8 +231,15 @@ async def _registration(app: web.Application) -> AsyncIterator[None]:
 
 
 def _offer(report: dict[str, Any]) -> dict[str, Any]:
-    """A report without its load: what changes when the node becomes ready or a model is loaded."""
-    return {key: value for key, value in report.items() if key not in ("in_flight", "queued")}
+    """A report without its load, and with each model's speed to within 10%: what changes when the node
+    becomes ready, a model is loaded or its speed moves (announced at once to every gateway), not with
+    every request (gateways probe the nodes they use every second: they see the load there)."""
+    models = [{**model, "s_per_mpx_step": _bucket(model["s_per_mpx_step"]), "load_s": None} for model in report["models"]]
+    return {key: value for key, value in report.items() if key not in ("in_flight", "queued", "held_s")} | {"models": models}
+
+
+def _bucket(speed: float | None) -> int | None:
+    return None if speed is None else round(math.log(speed) / math.log(1.1))
 
 
 # -- handlers ----------------------------------------------------------------------------------

@@ -429,3 +429,15 @@ async def test_prompts_are_logged_only_when_asked(make_client: MakeClient, caplo
     line = next(record.getMessage() for record in caplog.records if "r-1" in record.getMessage())
     assert ("my secret idea" in line) is log_prompts
     assert "sha256:" in line or log_prompts
+
+
+def test_the_offer_announced_to_gateways_moves_with_a_speed_change_not_with_each_request() -> None:
+    from t2i_orchestrator.app import _offer
+
+    def report(speed: float | None, held_s: float, queued: int) -> dict[str, Any]:
+        model = {"model_id": "m", "warm": True, "loaded": True, "s_per_mpx_step": speed, "default_steps": 2, "load_s": 3.0}
+        return {"status": "ready", "capacity": 9, "in_flight": 1, "queued": queued, "held_s": held_s, "models": [model]}
+
+    assert _offer(report(0.100, 0.5, 3)) == _offer(report(0.103, 2.5, 7))  # load, and a speed within a few %
+    assert _offer(report(0.100, 0.5, 3)) != _offer(report(0.125, 0.5, 3))  # a quarter slower: announced
+    assert _offer(report(None, 0.0, 0)) != _offer(report(0.1, 0.0, 0))  # measured for the first time: announced
