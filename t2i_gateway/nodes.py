@@ -206,7 +206,7 @@ class NodePool:
                 for idle in recent:  # as free as the largest node of the tier can be: none drawn could beat it
                     if not idle.speeds and 0 < self._largest[model_id][tier] <= idle.free() and _usable(idle, exclude, now):
                         return idle  # (only by slot counting: a node that reports its speed is weighed against others)
-                best = _soonest(recent + random.choices(nodes, k=SAMPLE), model_id, demand, exclude, now)
+                best = _soonest(recent + random.choices(nodes, k=SAMPLE), model_id, demand, exclude, now, prefer=recent)
                 if best is not None:
                     return best
             best = _soonest(random.sample(nodes, len(nodes)), model_id, demand, exclude, now)
@@ -654,11 +654,15 @@ def _number(value: Any, low: float, *, none: bool = False) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float)) and low <= value <= 1e6
 
 
-def _soonest(nodes: list[Node], model_id: str, demand: Demand | None, exclude: set[str], now: float) -> Node | None:
+def _soonest(
+    nodes: list[Node], model_id: str, demand: Demand | None, exclude: set[str], now: float, prefer: list[Node] | None = None
+) -> Node | None:
     """Where a request would finish first: the node with a free slot whose expected completion (the work
     it holds, plus ours since its report, plus this request's at its speed) is least, at random among
-    those within ``NEAR_SHARE`` of it. A node whose speed is not known yet counts as fast as the fastest
-    known (so it is tried, and measured); when no node's is known, the most free one (slot counting)."""
+    those within ``NEAR_SHARE`` of it, one of ``prefer`` among them if any (nodes that went idle last:
+    their connections are open, and a light load on a large fleet keeps to a few nodes instead of being
+    probed on all of them). A node whose speed is not known yet counts as fast as the fastest known (so
+    it is tried, and measured); when no node's is known, the most free one (slot counting)."""
     usable = [node for node in nodes if _usable(node, exclude, now) and node.free() > 0]
     speeds = [node.speed(model_id) for node in usable]
     known = [speed for speed in speeds if speed is not None]
@@ -667,7 +671,8 @@ def _soonest(nodes: list[Node], model_id: str, demand: Demand | None, exclude: s
     fastest = min(known)
     costs = [(node.expected_s(model_id, demand, fastest if speed is None else speed, now), node) for node, speed in zip(usable, speeds)]
     best = min(cost for cost, _ in costs)
-    return random.choice([node for cost, node in costs if cost <= best * (1 + NEAR_SHARE) + NEAR_S])
+    near = [node for cost, node in costs if cost <= best * (1 + NEAR_SHARE) + NEAR_S]
+    return random.choice([node for node in near if node in (prefer or ())] or near)
 
 
 def _most_free(nodes: list[Node], exclude: set[str], now: float) -> Node | None:

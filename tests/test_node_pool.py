@@ -433,3 +433,16 @@ def test_a_node_that_reports_itself_far_faster_than_it_answers_is_weighed_by_wha
     assert honest.speed("m/warm") == 0.1
     pool.succeeded(honest, 0.01, "m/warm", SMALL)  # small requests are mostly overhead: not counted
     assert len(honest.observed["m/warm"]) == 8
+
+
+async def test_in_a_large_fleet_of_equal_speeds_a_light_load_keeps_to_the_node_that_went_idle_last() -> None:
+    pool = pool_of(1000)
+    for node in pool.nodes.values():
+        speed_report(pool, node, speed=0.1, held_s=0.0)
+    recent = await pool.acquire("m/warm", set(), timeout_s=0, demand=LARGE)
+    assert recent is not None
+    pool.release(recent, "m/warm", LARGE, recent.epoch)
+    assert recent.sent_s == 0  # its work is no longer counted there
+    assert all(pool.select("m/warm", set(), LARGE) is recent for _ in range(50))  # its connection is open
+    recent.held_s, recent.reported_at = 1.0, time.monotonic()  # busy now, by its report: no longer the soonest
+    assert all(pool.select("m/warm", set(), LARGE) is not recent for _ in range(50))
