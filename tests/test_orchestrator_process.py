@@ -61,7 +61,16 @@ def test_capabilities_and_settings_from_flags_and_environment(node: str) -> None
     capabilities = json.loads(body)
     assert status == 200
     assert capabilities["capacity"] == 4  # 1 generating + T2I_ORCHESTRATOR_MAX_QUEUE=3
-    assert capabilities["models"] == [{"model_id": "t2i/tiny-sd", "pipeline": "text-to-image", "warm": True, "loaded": True, "capacity": 1}]
+    [model] = capabilities["models"]
+    assert {key: model[key] for key in ("model_id", "pipeline", "warm", "loaded", "capacity", "default_steps")} == {
+        "model_id": "t2i/tiny-sd",
+        "pipeline": "text-to-image",
+        "warm": True,
+        "loaded": True,
+        "capacity": 1,
+        "default_steps": 2,  # the demo model's
+    }
+    assert model["load_s"] > 0  # loaded at start, and timed
 
 
 def test_errors_over_the_wire(node: str) -> None:
