@@ -50,6 +50,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from discovery import RegistrySettings, open_registrar
+from t2i_orchestrator.app import _offer  # what a real node announces: its offer, not its load
 
 logger = logging.getLogger("bench.sim_node")
 
@@ -268,13 +269,6 @@ def create_app(
     app.router.add_post("/text-to-image/", text_to_image)
     app.router.add_get("/sim/jobs", jobs)
     return app
-
-
-def _offer(report: dict[str, Any]) -> dict[str, Any]:
-    """What, when it changes, is sent within a second (and announced): the report less its job counts, as a
-    real node's (``t2i_orchestrator.app._offer``), whose ``held_s`` is part of it: a busy node heartbeats
-    every second, and within a second of becoming idle."""
-    return {key: value for key, value in report.items() if key not in ("in_flight", "queued")}
 
 
 def _registration(
