@@ -104,6 +104,7 @@ class SimNode:
         self.running: Job | None = None
         self.records: deque[Job] = deque(maxlen=MAX_RECORDS)
         self._wake = asyncio.Event()
+        self._submitted = asyncio.Event()  # set at each job queued: until_submitted waits on it
         self._free_at = 0.0  # when the device finished its last job, on its own schedule
 
     @property
@@ -126,7 +127,14 @@ class SimNode:
         self.waiting.append(job)
         self.records.append(job)
         self._wake.set()
+        self._submitted.set()
         return job
+
+    async def until_submitted(self, count: int) -> None:
+        """Until ``count`` jobs have been queued here since it started (for tests that order requests)."""
+        while len(self.records) < count:
+            self._submitted.clear()
+            await self._submitted.wait()
 
     async def serve(self) -> None:
         """The device: until cancelled, the first waiting job, for exactly its seconds, then the next."""

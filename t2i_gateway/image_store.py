@@ -229,9 +229,10 @@ class S3ImageStore:
         )
         return url
 
-    async def sweep(self) -> int:
-        """Delete this store's images older than the TTL; how many. Only keys of the image form go."""
-        deadline = time.time() - self.ttl_s
+    async def sweep(self, now: float | None = None) -> int:
+        """Delete this store's images older than the TTL at ``now`` (epoch seconds; default: now); how many.
+        Only keys of the image form go."""
+        deadline = (time.time() if now is None else now) - self.ttl_s
         removed = 0
         paginator = self._client.get_paginator("list_objects_v2")
         prefix = self.location.prefix

@@ -7,7 +7,6 @@ import json
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -104,11 +103,10 @@ async def test_the_sim_node_reports_capabilities_the_gateway_accepts_and_its_spe
 
 
 async def test_the_sim_node_serves_one_job_at_a_time_in_arrival_order(aiohttp_client: Any) -> None:
-    client = await aiohttp_client(create_app(SimNode(0.05, report_after_first=False)))
+    node = SimNode(0.05, report_after_first=False)
+    client = await aiohttp_client(create_app(node))
     first = asyncio.create_task(client.post("/text-to-image", json=SMALL, headers={"X-Request-ID": "first"}))
-    # The second is sent once the node holds the first: their order is known.
-    while (await (await client.get("/capabilities")).json())["in_flight"] == 0:
-        await asyncio.sleep(0.005)
+    await node.until_submitted(1)  # the second is sent once the node holds the first: their order is known
     second = await client.post("/text-to-image", json={**SMALL, "num_inference_steps": 2}, headers={"X-Request-ID": "second"})
     assert second.status == 200 and (await first).status == 200
     jobs = {job["request_id"]: job for job in (await (await client.get("/sim/jobs")).json())["jobs"]}
@@ -125,15 +123,9 @@ async def test_the_sim_node_reports_the_work_it_holds_and_refuses_beyond_its_cap
     node = SimNode(100.0, capacity=2)  # a 512x512 1-step job runs 26 s: nothing finishes during the test
     client = await aiohttp_client(create_app(node))
     held = [asyncio.create_task(client.post("/text-to-image", json=SMALL)) for _ in range(2)]
-
-    async def holding_two() -> dict[str, Any]:
-        while True:
-            report = await (await client.get("/capabilities")).json()
-            if (report["in_flight"], report["queued"]) == (1, 1):
-                return report  # type: ignore[no-any-return]
-            await asyncio.sleep(0.005)
-
-    report = await holding_two()
+    await node.until_submitted(2)
+    report = await (await client.get("/capabilities")).json()
+    assert report["in_flight"] + report["queued"] == 2
     seconds = work_of(512, 512, 1) * 100.0
     assert seconds < report["held_s"] <= 2 * seconds  # the queued job's whole, and the running one's remaining part
     refused = await client.post("/text-to-image", json=SMALL)
@@ -163,17 +155,17 @@ async def test_the_sim_node_registers_its_report_in_redis(aiohttp_client: Any, r
         assert url in entries
         report = _check_capabilities(json.loads(reports[url]))
         assert report["models"][0]["s_per_mpx_step"] is None
+        events = registry.client.pubsub(ignore_subscribe_messages=True)
+        await events.subscribe(registry.channel)
         response = await client.post("/text-to-image", json={**SMALL, "width": 64, "height": 64})
         assert response.status == 200 and (await response.json())["images"][0]["url"].startswith(f"{url}/stream/")
-
-        async def speed_reported() -> bool:  # a changed offer goes within a second, not at the next heartbeat (60 s)
-            raw = (await registry.read())[2].get(url)
-            return raw is not None and json.loads(raw)["models"][0]["s_per_mpx_step"] == 0.02
-
-        deadline = time.monotonic() + 10
-        while not await speed_reported():
-            assert time.monotonic() < deadline, "the speed never reached the registry"
-            await asyncio.sleep(0.05)
+        # The changed offer (its speed measured) is announced within a second, not at the next heartbeat (60 s).
+        message = None
+        while message is None:  # None: the subscription's confirmation
+            message = await events.get_message(timeout=None)
+        assert message["data"] == f"report {url}"
+        assert json.loads((await registry.read())[2][url])["models"][0]["s_per_mpx_step"] == 0.02
+        await events.aclose()
         await client.close()
         assert url not in (await registry.read())[1]  # it left at shutdown
     finally:
