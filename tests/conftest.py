@@ -10,7 +10,7 @@ from aiohttp.test_utils import TestClient
 from blockbuster import blockbuster_ctx
 from prometheus_client import CollectorRegistry
 
-from bench.common import S3Server
+from bench.common import RedisServer, S3Server
 from discovery import Endpoint, StaticDiscovery
 from metrics import GatewayMetrics, OrchestratorMetrics
 from t2i_gateway.app import POOL
@@ -44,6 +44,15 @@ def blockbuster() -> Iterator[None]:
             STARTED.remove(daemon)  # read for the last time: it has ended, or its error is reported (once)
         if blocked:
             pytest.fail(f"a blocking call on {daemon.url}'s event loop; see {daemon.log}")
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server on a loopback port, for this test alone."""
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ import json
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -135,14 +134,6 @@ async def test_the_sim_node_reports_the_work_it_holds_and_refuses_beyond_its_cap
     await asyncio.gather(*held, return_exceptions=True)
     await client.close()  # the node answers what it holds at shutdown at once
     assert not node.waiting
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    server.start()
-    yield server
-    server.stop()
 
 
 async def test_the_sim_node_registers_its_report_in_redis(aiohttp_client: Any, redis_server: RedisServer) -> None:

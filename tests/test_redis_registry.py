@@ -8,7 +8,6 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +19,6 @@ from discovery.redis_registry import RedisDiscovery, RedisRegistry, connect
 from metrics import GatewayMetrics, OrchestratorMetrics
 
 from .services import RedisServer, make_ca
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    server.start()
-    yield server
-    server.stop()
 
 
 async def until(condition, timeout: float = 10.0) -> float:  # type: ignore[no-untyped-def]
