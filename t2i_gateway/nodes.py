@@ -143,6 +143,10 @@ class Node:
         held = max(0.0, self.held_s - (now - self.reported_at)) + self.sent_s
         return held + load + demand.work(self, model_id) * speed
 
+    def seconds_for(self, model_id: str, demand: Demand) -> float:
+        """What a request should take here, at its speed (0 while that is unknown): what we count as sent."""
+        return demand.work(self, model_id) * (self.speed(model_id) or 0.0)
+
 
 class NodePool:
     def __init__(
@@ -259,7 +263,7 @@ class NodePool:
         ``node``: its work is no longer held there, and its slot goes to the first waiting request it suits."""
         node.in_flight -= 1
         if demand is not None and epoch == node.epoch:  # else a report since counted it, and has run it down
-            node.sent_s = max(0.0, node.sent_s - demand.work(node, model_id) * (node.speed(model_id) or 0.0))
+            node.sent_s = max(0.0, node.sent_s - node.seconds_for(model_id, demand))
         if not node.in_flight:
             if node.leaving:
                 self._remove(node)  # its last request has finished there
@@ -269,7 +273,7 @@ class NodePool:
 
     def _take(self, node: Node, model_id: str, demand: Demand) -> Node:
         node.in_flight += 1
-        node.sent_s += demand.work(node, model_id) * (node.speed(model_id) or 0.0)  # until its next report says
+        node.sent_s += node.seconds_for(model_id, demand)  # until its next report says
         node.next_probe = min(node.next_probe, time.monotonic() + BUSY_PROBE_S)  # in use: probed every second
         self._idle.pop(node, None)
         return node
