@@ -86,8 +86,8 @@ class RegistrySettings:
 
 
 def registry_settings(values: dict[str, Any], name: str) -> RegistrySettings | None:
-    """The settings of ``--<name>`` (``--registry`` or ``--register``) and the ``--registry-*`` options."""
-    location = values[name]
+    """The settings of ``--<name>`` (``--registry``, ``--register``, ``--limits-redis``) and the ``--registry-*`` options."""
+    location = values[name.replace("-", "_")]
     if not location:
         return None
     if location.startswith(("redis://", "rediss://")):

@@ -99,6 +99,21 @@ class GatewayMetrics:
             registry=self.registry,
         )
         self.in_flight = Gauge("in_flight", "Text-to-image requests being handled.", namespace=ns, registry=self.registry)
+        # Usage by API key (its name in --keys-file; "anonymous" without keys), as it can be billed.
+        self.tenant_requests = Counter(
+            "tenant_requests", "Text-to-image requests by key and HTTP status.", ["key", "status"], namespace=ns, registry=self.registry
+        )
+        self.tenant_images = Counter("tenant_images", "Images delivered, by key.", ["key"], namespace=ns, registry=self.registry)
+        self.tenant_megapixel_steps = Counter(
+            "tenant_megapixel_steps",
+            "Work delivered, by key: width x height / 1e6 x steps x images.",
+            ["key"],
+            namespace=ns,
+            registry=self.registry,
+        )
+        self.tenant_generation_seconds = Counter(
+            "tenant_generation_seconds", "Seconds of generation on nodes, by key.", ["key"], namespace=ns, registry=self.registry
+        )
         self.queued = Gauge(
             "queued",
             "Requests waiting at the gateway for a free slot on a node (--max-queued).",

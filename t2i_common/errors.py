@@ -7,9 +7,11 @@ The wire shapes are the Livepeer runner's, so existing clients can parse them:
     APIError
     ├── BadRequest            400  malformed JSON, unknown model, LoRA that cannot be loaded
     ├── Unauthorized          401  missing or wrong bearer token
+    ├── Forbidden             403  a key used beyond what it may (a model, an operator's endpoint)
     ├── NotFound              404  unknown route, unknown or expired image
     ├── UnsupportedMediaType  415  a body that is not declared as JSON
     ├── InvalidFields         422  one entry per offending field
+    ├── TooManyRequests       429  a key over one of its limits (with Retry-After and x-ratelimit-*)
     ├── InternalError         500  generation failed (CUDA out of memory, ...)
     ├── BadGateway            502  the orchestrator holding an image cannot be reached
     ├── ServiceUnavailable    503  queue full, still loading, no orchestrator free (with Retry-After)
@@ -53,6 +55,10 @@ class Unauthorized(APIError):
         super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
 
 
+class Forbidden(APIError):
+    status = 403
+
+
 class NotFound(APIError):
     status = 404
 
@@ -66,6 +72,10 @@ class RequestTimeout(APIError):
 
 class UnsupportedMediaType(APIError):
     status = 415
+
+
+class TooManyRequests(APIError):
+    status = 429
 
 
 class InternalError(APIError):

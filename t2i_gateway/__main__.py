@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 from aiohttp import web
 
@@ -19,6 +20,7 @@ from t2i_common.server import base_url, listening_sockets, serve, tls_context
 from .app import METRICS, create_app
 from .config import GatewayConfig, load_config
 from .local import LocalOrchestrator
+from .state import KEYS
 
 
 def build_app(config: GatewayConfig) -> web.Application:
@@ -41,6 +43,13 @@ def build_app(config: GatewayConfig) -> web.Application:
     return app
 
 
+async def _reload_keys_on_sighup(app: web.Application) -> AsyncIterator[None]:
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGHUP, app[KEYS].reload)
+    yield
+    loop.remove_signal_handler(signal.SIGHUP)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     try:
         config = load_config(argv)
@@ -51,6 +60,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         app = build_app(config)
     except ConfigError as exc:
         sys.exit(f"t2i-gateway: {exc}")
+    app.cleanup_ctx.append(_reload_keys_on_sighup)
     if metrics_sockets:
         app.cleanup_ctx.append(metrics.listener(metrics_sockets, app[METRICS].registry))
     url = base_url(sockets[0], ssl_context)

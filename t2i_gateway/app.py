@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import hmac
 import json
 import logging
 import ssl
@@ -28,10 +27,8 @@ from t2i_common.errors import (
     APIError,
     BadRequest,
     GatewayTimeout,
-    Handler,
     RequestTimeout,
     ServiceUnavailable,
-    Unauthorized,
     error_middleware_for,
     error_response,
 )
@@ -40,7 +37,8 @@ from t2i_common.schemas import TextToImageRequest, build_request_schema, decode_
 from t2i_common.server import DRAIN, Drain
 from t2i_common.sse import Notify, respond_with_events, wants_events
 
-from . import images, openai_api
+from . import accounts, images, openai_api
+from .accounts import CHARGE, GENERATION_PATHS, TENANT
 from .config import GatewayConfig
 from .nodes import Demand, NodePool, retry_after_s
 from .openapi import build_openapi
@@ -57,9 +55,6 @@ OPENAPI = web.AppKey("openapi", dict)
 PLAYGROUND_HTML = (Path(__file__).parent / "playground.html").read_text().replace("__DEMO_MODEL_ID__", DEMO_MODEL_ID)
 PLAYGROUND = web.AppKey("playground", str)
 OPENAI = web.AppKey("openai", openai_api.OpenAIRequests)
-GENERATION_PATHS = frozenset({"/text-to-image", "/text-to-image/", "/v1/images/generations"})
-# Where an API key is needed when keys are set: the API, and what shows the fleet (nodes' addresses, errors).
-KEYED_PATHS = GENERATION_PATHS | {"/v1/models", "/models", "/orchestrators"}
 
 
 def create_app(
@@ -70,7 +65,7 @@ def create_app(
     # Each API's errors in its own shape: OpenAI's under /v1/, Livepeer's elsewhere.
     errors = error_middleware_for(lambda request: openai_api.render_error if request.path.startswith(openai_api.PREFIX) else error_response)
     # The key before the drain: a request without one never counts as in flight.
-    app = web.Application(middlewares=[errors, api_key_middleware, drain.middleware])
+    app = web.Application(middlewares=[errors, accounts.tenant_middleware, drain.middleware])
     app[DRAIN] = drain
     app[CONFIG] = config
     app[METRICS] = metrics_ or GatewayMetrics()
@@ -83,13 +78,15 @@ def create_app(
         max_queued=config.max_queued,
         max_suspended_share=config.max_suspended_share,
         remember_s=config.image_ttl_s,
+        node_queue=config.node_queue,
     )
     app[SIGNER] = StreamSigner(stream_secret, config.image_ttl_s)
     app[SCHEMA] = build_request_schema(config.limits)
     app[OPENAI] = openai_api.OpenAIRequests(config.limits, app[SCHEMA])
-    app[OPENAPI] = build_openapi(config.limits, api_keys=bool(config.api_keys))
+    app[OPENAPI] = build_openapi(config.limits, api_keys=bool(config.api_keys or config.api_keys_file or config.keys_file))
     app[PLAYGROUND] = PLAYGROUND_HTML
     app.cleanup_ctx.extend([_client_session, _node_pool])
+    accounts.setup(app)
     images.setup(app)
     app.router.add_get("/", playground)
     app.router.add_post("/text-to-image", text_to_image)
@@ -140,6 +137,7 @@ class _Trace:
     request_id: str
     node: str = "-"
     attempts: int = 0
+    generation_s: float = 0.0  # of the attempt that made its images
 
 
 class _Refused(APIError):
@@ -176,8 +174,9 @@ class Job:
 async def admit(request: web.Request, parse: Callable[[dict[str, Any]], TextToImageRequest]) -> tuple[Job, str]:
     """Everything that can refuse a request before any node is tried, for either API; the job and its model.
 
-    The API key was checked from the headers already (``api_key_middleware``). ``parse`` turns the
-    decoded body into the Livepeer request (raising the API's 4xx errors)."""
+    The API key was checked from the headers already (``accounts.tenant_middleware``); its limits are
+    checked last (``accounts.charge``). ``parse`` turns the decoded body into the Livepeer request
+    (raising the API's 4xx errors)."""
     app = request.app
     config = app[CONFIG]
     try:
@@ -188,7 +187,9 @@ async def admit(request: web.Request, parse: Callable[[dict[str, Any]], TextToIm
                 body = await request.read()
         except TimeoutError:
             raise RequestTimeout(f"The request body did not arrive within {config.body_timeout_s:g} s; send it at once.") from None
-        return _admit(request, parse, body)
+        job, model_id = _admit(request, parse, body)
+        await accounts.charge(request, job.request, model_id)
+        return job, model_id
     except APIError as error:
         # Refused before any attempt: counted too (the error-ratio alert needs these).
         app[METRICS].requests.labels(str(error.status), "other").inc()
@@ -205,7 +206,7 @@ def _admit(request: web.Request, parse: Callable[[dict[str, Any]], TextToImageRe
     offered = pool.models_on_offer()
     if offered and model_id not in offered:
         raise BadRequest(f"Model {model_id!r} is not offered by any orchestrator; on offer: {', '.join(offered)}.")
-    if not pool.can_admit(model_id):
+    if not pool.can_admit(model_id, request[TENANT].name):
         raise ServiceUnavailable(
             f"Every orchestrator that serves {model_id!r} is busy, suspended or down; retry later.",
             retry_after=retry_after_s(pool.healthy()),
@@ -248,12 +249,16 @@ async def _observed(
         raise
     finally:
         seconds = time.monotonic() - started
+        charge = request.get(CHARGE)
+        if charge is not None:  # settled as the response ends (accounts.tenant_middleware)
+            charge.status, charge.seconds = status, trace.generation_s
         metrics_.in_flight.dec()
         metrics_.requests.labels(str(status), model_id).inc()
         metrics_.request_seconds.labels(model_id).observe(seconds)
         logger.info(
-            "request %s: model %s node %s attempts %d status %d in %.2f s prompt %s",
+            "request %s: key %s model %s node %s attempts %d status %d in %.2f s prompt %s",
             trace.request_id,
+            request[TENANT].name,
             model_id,
             trace.node,
             trace.attempts,
@@ -283,7 +288,10 @@ async def _generate(
     while trace.attempts < config.max_attempts:
         # Every suitable node full: wait for the first free slot, in arrival order (--queue-timeout).
         wait_s = min(config.queue_timeout_s, deadline - time.monotonic())
-        node = await pool.acquire(model_id, tried, timeout_s=max(0.0, wait_s), notify=notify, demand=demand)
+        tenant = request[TENANT]
+        node = await pool.acquire(
+            model_id, tried, timeout_s=max(0.0, wait_s), notify=notify, demand=demand, tenant=tenant.name, weight=tenant.weight
+        )
         if node is None:
             break
         epoch = node.epoch
@@ -322,7 +330,8 @@ async def _generate(
         finally:
             pool.release(node, model_id, demand, epoch)
         if last.outcome == "ok":
-            pool.succeeded(node, time.monotonic() - started, model_id, demand)
+            trace.generation_s = time.monotonic() - started
+            pool.succeeded(node, trace.generation_s, model_id, demand)
             return result
         logger.info("request %s: attempt on %s: %s %s", trace.request_id, node.url, last.outcome, last.reason)
         if last.outcome == "client_error":
@@ -395,20 +404,3 @@ async def models(request: web.Request) -> web.Response:
 
 async def openapi(request: web.Request) -> web.Response:
     return web.json_response(request.app[OPENAPI])
-
-
-@web.middleware
-async def api_key_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """The API key, from the headers alone: a request without a valid one is refused before its body is
-    read or the drain counts it, so that anonymous slow senders take no slot from real clients."""
-    config = request.app[CONFIG]
-    if config.api_keys and request.path in KEYED_PATHS and not _has_valid_key(config, request):
-        if request.path in GENERATION_PATHS:
-            request.app[METRICS].requests.labels("401", "other").inc()  # refused before any attempt: counted
-        raise Unauthorized("A valid API key is required: send 'Authorization: Bearer <key>'.")
-    return await handler(request)
-
-
-def _has_valid_key(config: GatewayConfig, request: web.Request) -> bool:
-    scheme, _, key = request.headers.get("Authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and any(hmac.compare_digest(key.encode(), k.encode()) for k in config.api_keys)

@@ -23,6 +23,7 @@ from t2i_common.config import (
 from t2i_common.schemas import Limits
 
 from .image_store import StoreLocation
+from .tenants import KeysError, read_keys
 
 OPTIONS = (
     Option("host", "address to listen on", default="127.0.0.1"),
@@ -47,7 +48,18 @@ OPTIONS = (
     Option("local-orchestrator", "also start an orchestrator with the demo model as a managed child process", flag=True, default=False),
     *secret_options("orchestrator-secret", "bearer secret sent to orchestrators"),
     Option("api-key", "API key that clients must send as 'Authorization: Bearer <key>' (repeatable)", repeat=True),
-    Option("api-keys-file", "file of API keys, one per line", type=Path),
+    Option("api-keys-file", "file of API keys, one per line (re-read when it changes, and on SIGHUP)", type=Path),
+    Option(
+        "keys-file",
+        "TOML file of named API keys (their secrets' SHA-256) with limits, models and queue weights (see the README's "
+        "'Keys, limits and usage'); re-read when it changes, and on SIGHUP",
+        type=Path,
+    ),
+    Option(
+        "limits-redis",
+        "redis://host:6379/0 (rediss:// for TLS; with the --registry-* options): count keys' limits and usage there, "
+        "shared by every gateway that names it (default: the --registry's Redis if it is one, else this gateway alone)",
+    ),
     Option("public-url", "base of image URLs, e.g. https://gateway.example.net (default: the URL the request came to)"),
     *secret_options("stream-secret", "secret that signs /stream ids; gateways behind one load balancer must share it (default: random)"),
     Option("image-ttl", "seconds a returned image URL stays valid", type=positive(float), default=3600.0),
@@ -92,6 +104,13 @@ OPTIONS = (
         type=int,
         default=64,
     ),
+    Option(
+        "node-queue",
+        "requests the gateway leaves waiting on a node beyond the one it runs (default: as many as the node takes); "
+        "0 keeps every wait at the gateway, where keys are served in turn, at the cost of a round trip between a node's "
+        "jobs and of its batching",
+        type=int,
+    ),
     Option("queue-timeout", "seconds a request waits for a free slot before its 503", type=positive(float), default=30.0),
     Option("max-attempts", "orchestrators tried per request", type=positive(int), default=3),
     Option(
@@ -132,7 +151,10 @@ class GatewayConfig:
     orchestrator_ca: Path | None = None
     local_orchestrator: bool = False
     orchestrator_secret: str | None = None
-    api_keys: frozenset[str] = frozenset()
+    api_keys: tuple[str, ...] = ()
+    api_keys_file: Path | None = None
+    keys_file: Path | None = None
+    limits_redis: RegistrySettings | None = None
     public_url: str | None = None
     stream_secret: str | None = None
     image_ttl_s: float = 3600.0
@@ -146,6 +168,7 @@ class GatewayConfig:
     body_timeout_s: float = 10.0
     max_queued: int = 64
     queue_timeout_s: float = 30.0
+    node_queue: int | None = None
     max_attempts: int = 3
     max_suspended_share: float = 0.5
     request_timeout_s: float = 300.0
@@ -173,13 +196,11 @@ def load_config(argv: Sequence[str] | None = None) -> GatewayConfig:
         raise ConfigError(f"--orchestrator: {exc}") from None
     if not (orchestrators or values["registry"] or values["local_orchestrator"]):
         raise ConfigError("nothing to route to: give --orchestrator URL, --registry FILE or --local-orchestrator")
-    api_keys = set(values["api_key"] or [])
-    if values["api_keys_file"]:
-        try:
-            lines = values["api_keys_file"].read_text().splitlines()
-        except OSError as exc:
-            raise ConfigError(f"--api-keys-file: cannot read {values['api_keys_file']}: {exc.strerror}") from None
-        api_keys |= {line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")}
+    api_keys = tuple(values["api_key"] or [])
+    try:
+        read_keys(api_keys, values["api_keys_file"], values["keys_file"])
+    except KeysError as exc:
+        raise ConfigError(str(exc)) from None
     registry = registry_settings(values, "registry")
     if registry and not registry.is_redis:
         try:
@@ -188,10 +209,15 @@ def load_config(argv: Sequence[str] | None = None) -> GatewayConfig:
             raise ConfigError(f"--registry {registry.location}: {exc}") from None
     if values["orchestrator_ca"] and not values["orchestrator_ca"].is_file():
         raise ConfigError(f"--orchestrator-ca: {values['orchestrator_ca']} is not a file")
+    if values["node_queue"] is not None and values["node_queue"] < 0:
+        raise ConfigError(f"--node-queue must be 0 or more, got {values['node_queue']}")
     if values["max_queued"] < 0:
         raise ConfigError(f"--max-queued must be 0 or more, got {values['max_queued']}")
     if not 0 <= values["max_suspended_share"] <= 1:
         raise ConfigError(f"--max-suspended-share must be between 0 and 1, got {values['max_suspended_share']}")
+    limits_redis = registry_settings(values, "limits-redis")
+    if limits_redis and not limits_redis.is_redis:
+        raise ConfigError("--limits-redis: a redis:// or rediss:// URL, as in redis://127.0.0.1:6379/0")
     image_store = None
     if values["image_store"]:
         try:
@@ -213,7 +239,10 @@ def load_config(argv: Sequence[str] | None = None) -> GatewayConfig:
         orchestrator_ca=values["orchestrator_ca"],
         local_orchestrator=values["local_orchestrator"],
         orchestrator_secret=strong_secret(values, "orchestrator-secret"),
-        api_keys=frozenset(api_keys),
+        api_keys=api_keys,
+        api_keys_file=values["api_keys_file"],
+        keys_file=values["keys_file"],
+        limits_redis=limits_redis or (registry if registry and registry.is_redis else None),
         public_url=values["public_url"].rstrip("/") if values["public_url"] else None,
         stream_secret=strong_secret(values, "stream-secret"),
         image_ttl_s=values["image_ttl"],
@@ -228,6 +257,7 @@ def load_config(argv: Sequence[str] | None = None) -> GatewayConfig:
         max_queued=values["max_queued"],
         max_suspended_share=values["max_suspended_share"],
         queue_timeout_s=values["queue_timeout"],
+        node_queue=values["node_queue"],
         max_attempts=values["max_attempts"],
         request_timeout_s=values["request_timeout"],
         connect_timeout_s=values["connect_timeout"],

@@ -18,6 +18,7 @@ import math
 import random
 import time
 from collections import Counter, deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
@@ -78,6 +79,74 @@ class _Waiter:
     future: asyncio.Future[Node]
     notify: Notify | None
     demand: Demand
+    tenant: str = ""
+    weight: float = 1.0
+
+
+class FairQueue:
+    """Requests waiting for a slot: a queue per tenant, in arrival order, the tenants served in turn in
+    proportion to their weights, so that one tenant's many requests do not delay another's few.
+
+    Stride scheduling: each grant moves its tenant's pass on by ``1 / weight``, and the next goes to
+    the waiting tenant with the lowest pass. A tenant that starts waiting begins at the pass of the
+    last grant: time without waiting requests banks no credit. Between equal passes, the tenant with
+    fewer requests waiting goes first."""
+
+    def __init__(self) -> None:
+        self._queues: dict[str, deque[_Waiter]] = {}  # tenants with waiting requests only
+        self._pass: dict[str, float] = {}
+        self._last_pass = 0.0
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def has_room(self, tenant: str, limit: int) -> bool:
+        """Room for one more of ``tenant``'s: under ``limit`` in all or, when full, for a tenant with none
+        waiting (the queue then holds at most ``limit`` and one per tenant): a tenant that filled the
+        queue keeps no other out. A limit of 0: no waiting at all."""
+        return self._count < limit or (limit > 0 and tenant not in self._queues)
+
+    def append(self, waiter: _Waiter) -> None:
+        if waiter.tenant not in self._queues:
+            self._queues[waiter.tenant] = deque()
+            self._pass[waiter.tenant] = self._last_pass
+        self._queues[waiter.tenant].append(waiter)
+        self._count += 1
+
+    def remove(self, waiter: _Waiter, *, granted: bool = False) -> bool:
+        """Take ``waiter`` out (``granted``: its tenant's turn is used); False when it was not waiting."""
+        queue = self._queues.get(waiter.tenant)
+        if queue is None or waiter not in queue:
+            return False
+        queue.remove(waiter)
+        self._count -= 1
+        if granted:
+            self._last_pass = self._pass[waiter.tenant]
+            self._pass[waiter.tenant] += 1 / waiter.weight
+        if not queue:
+            del self._queues[waiter.tenant], self._pass[waiter.tenant]
+        return True
+
+    def in_turn(self) -> list[_Waiter]:
+        """Every waiting request, in the order the tenants' turns would serve them."""
+        passes = dict(self._pass)
+        positions = dict.fromkeys(self._queues, 0)
+        order: list[_Waiter] = []
+        while positions:
+            # The lowest pass; between equals, the tenant with fewer waiting (one request goes before a backlog).
+            tenant = min(positions, key=lambda t: (passes[t], len(self._queues[t]) - positions[t]))
+            queue = self._queues[tenant]
+            waiter = queue[positions[tenant]]
+            order.append(waiter)
+            passes[tenant] += 1 / waiter.weight
+            positions[tenant] += 1
+            if positions[tenant] == len(queue):
+                del positions[tenant]
+        return order
+
+    def __iter__(self) -> Iterator[_Waiter]:
+        return (waiter for queue in self._queues.values() for waiter in queue)
 
 
 @dataclass(eq=False, slots=True)  # slots: selection reads a few fields of nodes drawn from a large fleet
@@ -85,7 +154,7 @@ class Node:
     endpoint: Endpoint
     capabilities: dict[str, Any] | None = None  # the last valid /capabilities answer
     tiers: dict[str, int] = field(default_factory=dict)  # model -> 0 warm (or loaded), 1 loadable on demand
-    capacity: int = 0  # as it advertised at the last probe
+    capacity: int = 0  # as it advertised at the last probe (at most 1 + the pool's node_queue)
     ready: bool = False
     suspended_until: float = 0.0
     failures: int = 0  # requests failed in a row
@@ -160,13 +229,18 @@ class NodePool:
         max_queued: int = 0,
         max_suspended_share: float = 0.5,
         remember_s: float = 0.0,
+        node_queue: int | None = None,
     ) -> None:
         self.discovery = discovery
         self.max_queued = max_queued
+        # Requests we leave waiting on a node beyond the one it runs (None: as many as it takes). Fewer
+        # keep the queue here, where tenants are served in turn and the next request goes to whichever
+        # node frees first; at the cost of the node's own pipelining and batching.
+        self._node_queue = node_queue if node_queue is not None else math.inf
         self._max_suspended_share = max_suspended_share
         self._remember_s = remember_s
         self._departed: dict[str, float] = {}  # url -> until when images may still be fetched from it, oldest first
-        self._waiters: deque[_Waiter] = deque()  # requests waiting for a free slot, in arrival order
+        self._waiters = FairQueue()  # requests waiting for a free slot
         self.nodes: dict[str, Node] = {}
         self._metrics = metrics
         # Counted when scraped (on the loop): once per scrape, not once per probe of each of 1,000 joining nodes.
@@ -186,6 +260,7 @@ class NodePool:
         self._largest: dict[str, tuple[int, ...]] = {}  # model -> the largest capacity in each of its tiers
         self._models_on_offer: list[str] = []
         self._default_model: str | None = None
+        self._default_steps: dict[str, int] = {}
         self._idle: dict[Node, None] = {}  # nodes with no request of ours now, in the order they went idle
 
     # -- selection ----------------------------------------------------------------------------
@@ -220,29 +295,37 @@ class NodePool:
 
     # -- slots --------------------------------------------------------------------------------
 
-    def can_admit(self, model_id: str) -> bool:
+    def can_admit(self, model_id: str, tenant: str = "") -> bool:
         """Whether a request for ``model_id`` can start now, or wait in the queue for a slot."""
         if self.select(model_id, exclude=set()) is not None and not self._waiting_for(model_id):
             return True
-        return len(self._waiters) < self.max_queued and self._serves(model_id, exclude=set())
+        return self._waiters.has_room(tenant, self.max_queued) and self._serves(model_id, exclude=set())
 
     async def acquire(
-        self, model_id: str, exclude: set[str], *, timeout_s: float, notify: Notify | None = None, demand: Demand | None = None
+        self,
+        model_id: str,
+        exclude: set[str],
+        *,
+        timeout_s: float,
+        notify: Notify | None = None,
+        demand: Demand | None = None,
+        tenant: str = "",
+        weight: float = 1.0,
     ) -> Node | None:
         """A node for ``model_id`` with a slot taken for this request (``release`` gives it back).
 
-        When every suitable node is full, the request waits for the first free slot, behind those that
-        came before it, for up to ``timeout_s``. None at once when no ready node serves the model (or the
-        queue is full), and None after the wait.
+        When every suitable node is full, the request waits for a free slot, for up to ``timeout_s``:
+        behind the tenant's own earlier requests, and in turn with other tenants' (``FairQueue``). None
+        at once when no ready node serves the model (or the queue is full), and None after the wait.
         """
         demand = demand or Demand()
         if not self._waiting_for(model_id):
             node = self.select(model_id, exclude, demand)
             if node is not None:
                 return self._take(node, model_id, demand)
-        if len(self._waiters) >= self.max_queued or not self._serves(model_id, exclude):
+        if not self._waiters.has_room(tenant, self.max_queued) or not self._serves(model_id, exclude):
             return None
-        waiter = _Waiter(model_id, exclude, asyncio.get_running_loop().create_future(), notify, demand)
+        waiter = _Waiter(model_id, exclude, asyncio.get_running_loop().create_future(), notify, demand, tenant, weight)
         self._waiters.append(waiter)
         self._queue_moved()
         try:
@@ -253,14 +336,13 @@ class NodePool:
                 self.release(granted, model_id, demand, granted.epoch)  # granted as it left: the slot goes on, once
             raise
         finally:
-            if waiter in self._waiters:
-                self._waiters.remove(waiter)
+            if self._waiters.remove(waiter):
                 self._queue_moved()
         return waiter.future.result() if waiter.future.done() else None
 
     def release(self, node: Node, model_id: str = "", demand: Demand | None = None, epoch: int | None = None) -> None:
         """This request (for ``model_id``, of ``demand``, taken at the node's report ``epoch``) is done with
-        ``node``: its work is no longer held there, and its slot goes to the first waiting request it suits."""
+        ``node``: its work is no longer held there, and its slot goes to the next waiting request it suits."""
         node.in_flight -= 1
         if demand is not None and epoch == node.epoch:  # else a report since counted it, and has run it down
             node.sent_s = max(0.0, node.sent_s - node.seconds_for(model_id, demand))
@@ -279,13 +361,18 @@ class NodePool:
         return node
 
     def _grant(self) -> None:
+        """Free slots to waiting requests, in turn; each grant changes whose turn is next."""
         granted = False
-        for waiter in list(self._waiters):
-            node = self.select(waiter.model_id, waiter.exclude, waiter.demand)
-            if node is not None:
-                waiter.future.set_result(self._take(node, waiter.model_id, waiter.demand))
-                self._waiters.remove(waiter)
-                granted = True
+        while self._waiters:
+            for waiter in self._waiters.in_turn():
+                node = self.select(waiter.model_id, waiter.exclude, waiter.demand)
+                if node is not None:
+                    waiter.future.set_result(self._take(node, waiter.model_id, waiter.demand))
+                    self._waiters.remove(waiter, granted=True)
+                    granted = True
+                    break
+            else:
+                break
         if granted:
             self._queue_moved()
 
@@ -299,7 +386,7 @@ class NodePool:
 
     def _queue_moved(self) -> None:
         self._metrics.queued.set(len(self._waiters))
-        for position, waiter in enumerate(self._waiters):
+        for position, waiter in enumerate(self._waiters.in_turn()):
             if waiter.notify:
                 waiter.notify("queued", {"position": position})
 
@@ -327,6 +414,9 @@ class NodePool:
         warm = Counter({model_id: len(tiers[0]) for model_id, tiers in offer.items() if tiers[0]})
         offered = Counter({model_id: len(tiers[0]) + len(tiers[1]) for model_id, tiers in offer.items()})
         self._default_model = next((counts.most_common(1)[0][0] for counts in (warm, offered) if counts), None)
+        # Said by the most nodes: one node cannot set what every request for the model counts as.
+        steps = Counter((model_id, steps) for node in self.nodes.values() if node.ready for model_id, steps in node.default_steps.items())
+        self._default_steps = {model_id: steps for (model_id, steps), _ in reversed(steps.most_common())}
 
     def models_summary(self) -> list[dict[str, Any]]:
         """Each model on offer, with on how many healthy nodes it is warm or loadable."""
@@ -339,6 +429,11 @@ class NodePool:
             }
             for model_id in self.models_on_offer()
         ]
+
+    def default_steps(self, model_id: str) -> int:
+        """The steps of a request for ``model_id`` that names none: what most of its nodes said (1 if none did)."""
+        self._reindex()
+        return self._default_steps.get(model_id, 1)
 
     def default_model(self) -> str | None:
         """The gateway's default when a request names no model: the one warm on the most ready nodes,
@@ -552,8 +647,9 @@ class NodePool:
     def _apply(self, node: Node, capabilities: dict[str, Any], now: float) -> None:
         """What a probe or a report says of ``node``; when to probe it next."""
         node.capabilities = capabilities
-        if node.capacity != int(capabilities["capacity"]):
-            node.capacity = int(capabilities["capacity"])
+        capacity = int(min(capabilities["capacity"], 1 + self._node_queue))
+        if node.capacity != capacity:
+            node.capacity = capacity
             self._stale = True  # the largest capacity on offer may have changed
         node.reported_busy = int(capabilities["in_flight"]) + int(capabilities["queued"])
         node.in_flight_at_probe = node.in_flight

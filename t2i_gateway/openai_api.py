@@ -35,7 +35,7 @@ def render_error(error: APIError) -> web.Response:
         param = error.problems[0][0]
     status = 400 if error.status in (413, 415, 422) else error.status
     kind = _ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
-    code = "invalid_api_key" if status == 401 else None
+    code = {401: "invalid_api_key", 429: "rate_limit_exceeded"}.get(status)
     body = {"error": {"message": error.message, "type": kind, "param": param, "code": code}}
     return web.json_response(body, status=status, headers=error.headers)
 

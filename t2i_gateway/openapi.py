@@ -95,6 +95,7 @@ def build_openapi(limits: Limits, *, api_keys: bool) -> dict[str, Any]:
         security = [{"bearer": []}]
     busy = _error("No orchestrator can take the request now; see Retry-After.")
     busy["headers"] = {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds to wait."}}
+    keyed = _keyed_errors(api_keys, "HTTPError")
     spec.path(
         path="/text-to-image",
         operations={
@@ -113,7 +114,7 @@ def build_openapi(limits: Limits, *, api_keys: bool) -> dict[str, Any]:
                         },
                     },
                     "400": _error("Malformed JSON, or a model or LoRA that no orchestrator offers."),
-                    **({"401": _error("Missing or wrong API key.")} if api_keys else {}),
+                    **keyed,
                     "413": _error("The body is too large."),
                     "415": _error("The body is not declared as JSON."),
                     "422": _error("Invalid fields.", "HTTPValidationError"),
@@ -164,7 +165,43 @@ def build_openapi(limits: Limits, *, api_keys: bool) -> dict[str, Any]:
         },
     )
     _openai_paths(spec, limits, security, api_keys)
+    if api_keys:
+        spec.path(
+            path="/admin/usage",
+            operations={
+                "get": {
+                    "summary": "Each key's usage (a key with admin = true): requests by status, images, megapixel-steps, "
+                    "generation seconds; summed across gateways that share --limits-redis.",
+                    "operationId": "usage",
+                    "security": security,
+                    "responses": {
+                        "200": {"description": "Usage by key name.", "content": {"application/json": {"schema": {"type": "object"}}}},
+                        "401": keyed["401"],
+                        "403": _error("The key is not an admin key."),
+                    },
+                }
+            },
+        )
     return spec.to_dict()
+
+
+def _keyed_errors(api_keys: bool, schema: str) -> dict[str, Any]:
+    """A generation's answers that only keys give: a wrong key, a model it may not use, a limit reached."""
+    if not api_keys:
+        return {}
+    limited = _error("The key is over one of its limits (--keys-file); see Retry-After and the x-ratelimit-* headers.", schema)
+    limited["headers"] = {
+        "Retry-After": {"schema": {"type": "integer"}, "description": "Seconds to wait."},
+        "x-ratelimit-remaining-requests": {
+            "schema": {"type": "integer"},
+            "description": "As OpenAI's; also -limit-, -reset-, and for images and megapixel-steps.",
+        },
+    }
+    return {
+        "401": _error("Missing or wrong API key.", schema),
+        "403": _error("The key may not use this model.", schema),
+        "429": limited,
+    }
 
 
 def _openai_paths(spec: APISpec, limits: Limits, security: list[dict[str, list[str]]], api_keys: bool) -> None:
@@ -176,7 +213,8 @@ def _openai_paths(spec: APISpec, limits: Limits, security: list[dict[str, list[s
     spec.components.schema("OpenAIError", schema=OpenAIErrorSchema)
     busy = _error("No orchestrator can take the request now; see Retry-After.", "OpenAIError")
     busy["headers"] = {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds to wait."}}
-    unauthorized = {"401": _error("Missing or wrong API key.", "OpenAIError")} if api_keys else {}
+    keyed = _keyed_errors(api_keys, "OpenAIError")
+    unauthorized = {"401": keyed["401"]} if api_keys else {}
     spec.path(
         path="/v1/images/generations",
         operations={
@@ -191,7 +229,7 @@ def _openai_paths(spec: APISpec, limits: Limits, security: list[dict[str, list[s
                         "content": {"application/json": {"schema": "OpenAIImagesResponse"}},
                     },
                     "400": _error("An invalid request: malformed JSON, a bad field, a model no orchestrator offers.", "OpenAIError"),
-                    **unauthorized,
+                    **keyed,
                     "500": _error("Generation failed on the orchestrator.", "OpenAIError"),
                     "502": _error("The orchestrator holding an image cannot be reached.", "OpenAIError"),
                     "503": busy,

@@ -60,7 +60,7 @@ async def test_generate_shows_progress_downloads_and_prints_seeds(make_gateway: 
 
 async def test_errors_exit_non_zero_with_the_servers_message(make_gateway: MakeGateway, tmp_path: Path) -> None:
     refusing = FakeOrchestrator()
-    gateway = await make_gateway(refusing, api_keys=frozenset({"k"}))
+    gateway = await make_gateway(refusing, api_keys=("k",))
     url = str(gateway.client.make_url("")).rstrip("/")
     code, _, err = await t2i(url, "generate", "a", "--width", "100", cwd=tmp_path, env={"T2I_API_KEY": "k"})
     assert code == 1 and "422" in err and "width: Must be a multiple of 8, got 100." in err

@@ -273,7 +273,7 @@ async def test_validation_happens_at_the_gateway(make_gateway: MakeGateway) -> N
 
 
 async def test_api_keys_are_enforced(make_gateway: MakeGateway) -> None:
-    gateway = await make_gateway(FakeOrchestrator(), api_keys=frozenset({"key-1", "key-2"}))
+    gateway = await make_gateway(FakeOrchestrator(), api_keys=("key-1", "key-2"))
     for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "key-1"}, {"Authorization": "Basic key-1"}):
         response = await gateway.post(headers=headers)
         assert response.status == 401
@@ -287,7 +287,7 @@ async def test_api_keys_are_enforced(make_gateway: MakeGateway) -> None:
 
 
 async def test_slow_bodies_without_a_key_take_no_slot_and_a_slow_body_gets_408(make_gateway: MakeGateway) -> None:
-    gateway = await make_gateway(FakeOrchestrator(), api_keys=frozenset({"k"}), max_in_flight=2, body_timeout_s=0.5)
+    gateway = await make_gateway(FakeOrchestrator(), api_keys=("k",), max_in_flight=2, body_timeout_s=0.5)
     host, port = gateway.client.host, gateway.client.port
     # Headers that declare a large body, then one byte of it, and nothing more.
     head = "POST /text-to-image HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n{}\r\n{{"
@@ -444,7 +444,7 @@ async def test_health_waits_for_a_ready_orchestrator(make_gateway: MakeGateway) 
 
 
 async def test_openapi_document_is_valid_and_matches_validation(make_gateway: MakeGateway) -> None:
-    gateway = await make_gateway(FakeOrchestrator(), api_keys=frozenset({"k"}))
+    gateway = await make_gateway(FakeOrchestrator(), api_keys=("k",))
     document = await (await gateway.client.get("/openapi.json")).json()
     validate(document)
     params = document["components"]["schemas"]["TextToImageParams"]
@@ -583,7 +583,7 @@ async def test_a_waiting_client_hears_its_position_and_one_that_leaves_is_droppe
 
 async def test_openai_requests_are_checked_and_answered_in_openais_shape(make_gateway: MakeGateway) -> None:
     fake = FakeOrchestrator()
-    gateway = await make_gateway(fake, api_keys=frozenset({"k"}))
+    gateway = await make_gateway(fake, api_keys=("k",))
     auth = {"Authorization": "Bearer k"}
     ok = await gateway.client.post("/v1/images/generations", json={"prompt": "a cat", "size": "64x64", "n": 2}, headers=auth)
     body = await ok.json()
