@@ -11,15 +11,21 @@ above the load's concurrency, so the node is never busy):
   rewrite the image urls, answer), the floor for any Python proxy;
 - ``nginx proxy_pass``: when ``nginx`` is installed (one worker, upstream keep-alive, the client's
   ``Host`` passed on so that the node's image urls name nginx), else the row is skipped with a note;
-- ``gateway``: the real ``python -m t2i_gateway --orchestrator <fake node>``, default settings.
+- ``gateway``: the real ``python -m t2i_gateway --orchestrator <fake node>``, default settings;
+- ``gateway, keys on``: the same with ``--keys-file`` (one key with a requests, images, megapixel-steps
+  and concurrency limit, all too high to be reached) and ``--limits-redis`` (a ``redis-server`` of its
+  own on loopback): each request's limits are checked in Redis (one round trip) and its usage is
+  written there. Without ``redis-server`` installed, the row is skipped with a note.
 
 For each number of concurrent clients, each path gets the same load: ``POST /text-to-image`` with
 ``{"prompt": "a cool cat on the beach", "width": 64, "height": 64}`` back to back over keep-alive
 connections for ``--seconds`` (after an untimed warm-up). The load generator is ``wrk`` (a Lua script
 for the POST) when it is installed, else one written with aiohttp in this process (``--load``). Prints a
 table (p50, p99, requests/s, and the CPU the front process spent per request) and one summary line:
-the gateway's p50 minus the direct p50 at 1 client (goal: at most +0.5 ms) and the gateway's requests/s
-over the minimal proxy's at 32 clients (goal: at least 0.8x). A missed goal is reported, not an error.
+the gateway's p50 minus the direct p50 at 1 client (goal: at most +0.5 ms), the gateway's requests/s
+over the minimal proxy's at 32 clients (goal: at least 0.8x), and the p50 with keys on minus without at
+1 client (goal: at most +0.3 ms). A missed goal is reported, not an error. Every request carries the
+key (``Authorization: Bearer``), which the other paths ignore.
 """
 
 from __future__ import annotations
@@ -42,18 +48,32 @@ from pathlib import Path
 
 import aiohttp
 
-from .common import Process, free_port, launch, wait_healthy
+from t2i_gateway.tenants import secret_hash
+
+from .common import Process, RedisServer, free_port, launch, wait_healthy
 
 BODY = {"prompt": "a cool cat on the beach", "width": 64, "height": 64}
 PAYLOAD = json.dumps(BODY).encode()
-HEADERS = {"Content-Type": "application/json"}
+KEY = "t2i-bench-overhead-key"
+HEADERS = {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}
+# Every limit set, none reached: the cost of checking them is what is measured.
+KEYS_FILE = f"""[[keys]]
+name = "bench"
+sha256 = "{secret_hash(KEY)}"
+requests_per_minute = 100000000
+images_per_minute = 100000000
+megapixel_steps_per_minute = 100000000
+concurrent = 100000
+"""
 GOAL_OVERHEAD_MS = 0.5
 GOAL_RATIO = 0.8
+GOAL_KEYS_MS = 0.3
 PATHS = (
     ("direct", "direct (fake node)"),
     ("proxy", "minimal aiohttp proxy"),
     ("nginx", "nginx proxy_pass"),
     ("gateway", "gateway"),
+    ("keys", "gateway, keys on"),
 )
 LABELS = dict(PATHS)
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -147,6 +167,7 @@ WRK_SCRIPT = """
 wrk.method = "POST"
 wrk.body = [[%s]]
 wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer %s"
 done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format("T2I-RESULT %%f %%f %%f %%f %%f\\n", summary.requests, summary.duration,
@@ -238,33 +259,43 @@ http {{
 
 async def measure(args: argparse.Namespace, clients: list[int], workdir: Path) -> tuple[dict[tuple[str, int], Cell], str | None]:
     processes: dict[str, Process] = {}
-    note = None
+    notes = []
+    redis = RedisServer(workdir) if shutil.which("redis-server") else None
     try:
         processes["direct"] = launch(["-m", "bench.fake_node", "--behaviour", "ok"], workdir, "fake-node")
         await wait_healthy(processes["direct"], path="/capabilities")
         node = processes["direct"].url
         processes["proxy"] = launch(["-m", "bench.reference_proxy", "--node", node], workdir, "reference-proxy")
         processes["gateway"] = launch(["-m", "t2i_gateway", "--orchestrator", node], workdir, "gateway")
+        if redis:
+            redis.start()
+            (workdir / "keys.toml").write_text(KEYS_FILE)
+            keyed = ["--keys-file", str(workdir / "keys.toml"), "--limits-redis", redis.url]
+            processes["keys"] = launch(["-m", "t2i_gateway", "--orchestrator", node, *keyed], workdir, "gateway-keys")
+        else:
+            notes.append("gateway, keys on: skipped (redis-server is not installed)")
         nginx = nginx_binary()
         if nginx:
             processes["nginx"] = start_nginx(nginx, node, workdir)
         else:
-            note = "nginx proxy_pass: skipped (nginx is not installed)"
+            notes.append("nginx proxy_pass: skipped (nginx is not installed)")
         await wait_healthy(processes["proxy"])
         await wait_healthy(processes["gateway"], timeout=60)
+        if "keys" in processes:
+            await wait_healthy(processes["keys"], timeout=60)
         if "nginx" in processes:
             try:
                 await wait_healthy(processes["nginx"], path="/capabilities", timeout=20)
             except RuntimeError:
                 tail = processes.pop("nginx")
                 tail.stop()
-                note = f"nginx proxy_pass: skipped (nginx did not start: {tail.log.read_text()[-300:].strip()!r})"
+                notes.append(f"nginx proxy_pass: skipped (nginx did not start: {tail.log.read_text()[-300:].strip()!r})")
 
         wrk = shutil.which("wrk") if args.load in ("auto", "wrk") else None
         if args.load == "wrk" and not wrk:
             raise SystemExit("bench.gateway_overhead: --load wrk, but wrk is not installed")
         script = workdir / "post.lua"
-        script.write_text(WRK_SCRIPT % PAYLOAD.decode())
+        script.write_text(WRK_SCRIPT % (PAYLOAD.decode(), KEY))
         warmup = max(0.2, min(1.0, 0.2 * args.seconds))
         cells: dict[tuple[str, int], Cell] = {}
         for count in clients:  # the paths one after another at each concurrency, so that their cells are close in time
@@ -279,10 +310,12 @@ async def measure(args: argparse.Namespace, clients: list[int], workdir: Path) -
                 else:
                     cells[(key, count)] = await aiohttp_load(process.url, process.process.pid, count, args.seconds, warmup)
         args.generator = "wrk (1 thread)" if wrk else "aiohttp (in the bench process)"
-        return cells, note
+        return cells, "\n".join(notes) or None
     finally:
         for process in reversed(list(processes.values())):
             process.stop()
+        if redis:
+            redis.stop()
 
 
 def verdict(ok: bool) -> str:
@@ -319,6 +352,9 @@ def report(cells: dict[tuple[str, int], Cell], note: str | None, clients: list[i
         f"gateway/minimal proxy req/s @ {high} clients: {ratio:.2f}x (goal >= {GOAL_RATIO}x: {verdict(ratio >= GOAL_RATIO)}); "
         f"minimal proxy p50 - direct p50 @ {low}: {proxy_overhead:+.3f} ms{extra}"
     )
+    if ("keys", low) in cells:
+        keys = 1000 * (cells[("keys", low)].percentile(50) - cells[("gateway", low)].percentile(50))
+        lines[-1] += f"; keys on p50 - keys off p50 @ {low}: {keys:+.3f} ms (goal <= +{GOAL_KEYS_MS} ms: {verdict(keys <= GOAL_KEYS_MS)})"
     return "\n".join(lines)
 
 

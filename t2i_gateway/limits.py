@@ -16,6 +16,7 @@ memory until Redis takes it, so an outage delays it but does not lose it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -34,6 +35,8 @@ MINUTE = 60.0
 EPSILON = 1e-6  # float error allowed in "within a minute" and in counting what remains
 CONCURRENT_RETRY_S = 1.0  # when a slot frees is unknown: a guess, for Retry-After
 RETRY_S = 1.0  # while Redis is away: how often an admit or a flush tries it again
+FLUSH_S = 0.5  # usage is written to Redis at most this long after its request ended
+RELEASE_S = 0.05  # a slot released at most this long after its request ended, if no admit carried it sooner
 CLOSE_FLUSH_S = 3.0
 
 
@@ -228,17 +231,28 @@ class LocalLimiter:
         pass
 
 
-# Check every per-minute limit and the concurrency set, on Redis's clock; take them all or nothing.
-# KEYS: the concurrency set (member: ticket, score: when its slot expires), then one TAT key per limit.
-# ARGV: ticket, concurrency limit ("" = none), hold seconds, then limit and cost for each TAT key.
+# Check every per-minute limit and the concurrency set, on Redis's clock; take them all or nothing. First,
+# release the slots of this gateway's requests that ended since its last call (carried here: no round trip
+# of their own while requests keep coming).
+# KEYS: the concurrency set (member: ticket, score: when its slot expires), one TAT key per limit, then the
+#   concurrency sets to release tickets from.
+# ARGV: ticket, concurrency limit ("" = none), hold seconds, the number of limits n, limit and cost for each
+#   TAT key, then for each set to release from: the number of its tickets, and the tickets.
 # Returns now, 1 if the concurrency limit denies, then per TAT key: its TAT before, 1 if the cost fits.
 _ADMIT = """
+local n = tonumber(ARGV[4])
+local a = 5 + 2 * n
+for k = 2 + n, #KEYS do
+  local count = tonumber(ARGV[a])
+  redis.call('ZREM', KEYS[k], unpack(ARGV, a + 1, a + count))
+  a = a + 1 + count
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 local reply, ends, ok = {string.format('%.17g', now), 0}, {}, true
-for i = 2, #KEYS do
-  local limit, cost = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
-  local tat = tonumber(redis.call('GET', KEYS[i])) or now
+for i = 1, n do
+  local limit, cost = tonumber(ARGV[3 + 2 * i]), tonumber(ARGV[4 + 2 * i])
+  local tat = tonumber(redis.call('GET', KEYS[1 + i])) or now
   ends[i] = math.max(tat, now) + cost * (60 / math.max(limit, 1e-9))
   local fits = ends[i] - now <= 60 + 1e-6
   ok = ok and fits
@@ -250,9 +264,9 @@ if ARGV[2] ~= '' then
   if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then reply[2] = 1; ok = false end
 end
 if ok then
-  for i = 2, #KEYS do
+  for i = 1, n do
     local ms = math.max(1, math.ceil((ends[i] - now) * 1000))  -- an idle tenant's TAT outlives its meaning by nothing
-    redis.call('SET', KEYS[i], string.format('%.17g', ends[i]), 'PX', ms)
+    redis.call('SET', KEYS[1 + i], string.format('%.17g', ends[i]), 'PX', ms)
   end
   if ARGV[2] ~= '' then
     redis.call('ZADD', KEYS[1], string.format('%.17g', now + tonumber(ARGV[3])), ARGV[1])
@@ -320,15 +334,21 @@ class RedisLimiter:
         if self._away():
             return await self._fallback(tenant, quota, cost, ticket)
         keys = [self._key(tenant, "concurrent")] + [self._key(tenant, dim) for dim, _, _ in priced]
-        args = [ticket, "" if quota.concurrent is None else str(quota.concurrent), repr(float(self._hold_s))]
+        args = [ticket, "" if quota.concurrent is None else str(quota.concurrent), repr(float(self._hold_s)), str(len(priced))]
         args += [repr(number) for _, limit, amount in priced for number in (limit, amount)]
+        releases, self._releases = self._releases, {}
+        for releasing, tickets in releases.items():
+            keys.append(self._key(releasing, "concurrent"))
+            args += [str(len(tickets)), *tickets]
         try:
             reply = await self._admit(keys=keys, args=args)
         except (RedisError, OSError) as error:  # TimeoutError included
             self._failed(error)
+            self._unreleased(releases)
             self._release(tenant, ticket, quota)  # had the script run, the slot it took is not the one decided on
             return await self._fallback(tenant, quota, cost, ticket)
         except asyncio.CancelledError:
+            self._unreleased(releases)
             self._release(tenant, ticket, quota)  # it may have taken a slot that no one will finish
             raise
         self._reached()
@@ -342,6 +362,13 @@ class RedisLimiter:
         self.fallbacks += 1
         return await self._local.admit(tenant, quota, cost, ticket)
 
+    def _unreleased(self, releases: dict[str, set[str]]) -> None:
+        """Releases that a failed admit carried: for the next call."""
+        for tenant, tickets in releases.items():
+            self._releases.setdefault(tenant, set()).update(tickets)
+        if releases:
+            self._kick()
+
     def _release(self, tenant: str, ticket: str, quota: Quota) -> None:
         if quota.concurrent is not None:
             self._releases.setdefault(tenant, set()).add(ticket)
@@ -350,8 +377,6 @@ class RedisLimiter:
     def _kick(self) -> None:
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
-        else:
-            self._wake.set()
 
     def finish(self, tenant: str, ticket: str, usage: Usage) -> None:
         try:
@@ -365,17 +390,18 @@ class RedisLimiter:
             logger.exception("limits: could not record usage of %r", tenant)
 
     async def _flush_loop(self) -> None:
+        """Write what is pending, a little later: one write carries many requests' usage. Released slots go
+        sooner (another gateway may be waiting for one), unless an admit carries them first."""
         while self._pending or self._releases:
+            delay = RETRY_S if self._down_at is not None else RELEASE_S if self._releases else FLUSH_S
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()  # flushed(): at once
+            self._wake.clear()
             try:
                 await self._flush()
             except (RedisError, OSError) as error:
                 self._failed(error)
-                self._wake.clear()
-                try:  # the next finish, or a second, whichever comes first
-                    async with asyncio.timeout(RETRY_S):
-                        await self._wake.wait()
-                except TimeoutError:
-                    pass
             else:
                 self._reached()
 
@@ -410,6 +436,7 @@ class RedisLimiter:
     async def flushed(self) -> None:
         """Returns once the usage finished so far is in Redis (during an outage: once Redis is back)."""
         while self._flusher is not None and not self._flusher.done():
+            self._wake.set()
             await asyncio.wait([self._flusher])
 
     async def usage(self) -> dict[str, dict[str, Any]]:

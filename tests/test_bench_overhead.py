@@ -38,6 +38,7 @@ def test_the_gateway_overhead_bench_prints_every_row_and_the_summary() -> None:
     paths = ["direct (fake node)", "minimal aiohttp proxy", "gateway"]
     if not any(line.startswith("nginx proxy_pass: skipped") for line in lines):
         paths.append("nginx proxy_pass")
+    paths.append("gateway, keys on")  # redis-server is installed wherever the tests run
     for path in paths:
         for clients in (1, 32):
             p50, p99, rps, errors, _cpu = row_figures(lines, f"| {path} | {clients} |")
@@ -50,6 +51,8 @@ def test_the_gateway_overhead_bench_prints_every_row_and_the_summary() -> None:
     )
     assert match, summary
     assert math.isfinite(float(match.group(1))) and float(match.group(3)) > 0
+    keys = re.search(rf"keys on p50 - keys off p50 @ 1: ({NUMBER}) ms \(goal <= \+0.3 ms: (met|MISSED)\)", summary)
+    assert keys and math.isfinite(float(keys.group(1))), summary
 
 
 def test_the_end_to_end_bench_prints_every_row_and_the_summary() -> None:
