@@ -75,7 +75,8 @@ def test_example_configs_load(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
     keys.write_text("# one key per line\nkey-one\n")
     monkeypatch.setenv("T2I_GATEWAY_API_KEYS_FILE", str(keys))
     gateway = gateway_config.load_config(["--config", str(ETC / "gateway.example.toml")])
-    assert gateway.api_keys == {"key-one"} and len(gateway.orchestrators) == 2
+    assert gateway.api_keys_file == keys and len(gateway.orchestrators) == 2
+    assert gateway.keys_file == Path("etc/keys.example.toml") and gateway.limits_redis is None
     assert gateway.image_store is None and not gateway.stream_redirect  # the store is opt-in
     assert [spec.model_id for spec in load_models_file(ETC / "models.demo.json")] == ["t2i/tiny-sd"]
     assert len(read_registry(ETC / "registry.example.json")) == 2
