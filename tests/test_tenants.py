@@ -102,6 +102,16 @@ def test_gateway_stops_at_start_on_a_bad_keys_file(tmp_path: Path) -> None:
         load_config(["--orchestrator", "http://127.0.0.1:1", "--keys-file", str(tmp_path / "missing.toml")])
 
 
+def test_gateway_stops_at_start_on_bad_limits_options() -> None:
+    node = ["--orchestrator", "http://127.0.0.1:1"]
+    with pytest.raises(ConfigError, match="--limits-redis: a redis:// or rediss:// URL"):
+        load_config([*node, "--limits-redis", "/tmp/limits"])
+    with pytest.raises(ConfigError, match="--node-queue must be 0 or more, got -1"):
+        load_config([*node, "--node-queue", "-1"])
+    shared = load_config([*node, "--registry", "redis://127.0.0.1:6379/0"])
+    assert shared.limits_redis is not None and shared.limits_redis.location == "redis://127.0.0.1:6379/0"
+
+
 def test_key_command_makes_a_secret_and_its_entry(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     main(["acme"])
     out = capsys.readouterr().out
@@ -282,3 +292,15 @@ async def test_a_reloaded_key_takes_effect_without_a_restart(make_gateway: MakeG
     await wait_until(lambda: keys.reloads == 1)
     assert (await gateway.post(headers=bearer(new))).status == 200
     assert (await gateway.post(headers=bearer(ACME))).status == 401
+
+
+async def test_node_queue_keeps_the_wait_at_the_gateway(make_gateway: MakeGateway) -> None:
+    fake = FakeOrchestrator(capacity=4)  # it would take 4
+    gateway = await make_gateway(fake, node_queue=0)
+    pool = gateway.client.app[POOL]  # type: ignore[index]
+    fake.mode = "hold"
+    requests = [asyncio.create_task(gateway.post()) for _ in range(3)]
+    await wait_until(lambda: len(pool._waiters) == 2)  # noqa: SLF001
+    assert len(fake.requests) == 1  # one on the node, the rest wait here
+    fake.release.set()
+    assert [r.status for r in await asyncio.gather(*requests)] == [200] * 3
