@@ -4,8 +4,8 @@ in turn costs the heavy one, and whether two gateways over one Redis hold a key 
     python -m bench.tenants [--seconds 20] [--heavy 32] [--light-every 0.5] [--limit 600] [--window 60] [--parts fairness,limit]
 
 Fairness (``--parts fairness``): one simulated node (``bench.sim_node``, named as a simulation: one job at
-a time, in arrival order, holding up to 9 as a real node) where a 512x512 2-step request (the demo model's
-default steps) runs ``--job-ms`` (100 ms), behind the real gateway (``python -m t2i_gateway``, a fresh
+a time, in arrival order, holding up to 9 as a real node) where a 512x512 2-step request (the simulated
+model's default steps, sent explicitly) runs ``--job-ms`` (100 ms), behind the real gateway (``python -m t2i_gateway``, a fresh
 process for each phase, with a keys file of two keys, ``heavy`` and ``light``, without limits; it waits
 rather than refuses: a large ``--max-queued``, a long ``--queue-timeout``). Two tenants:
 
@@ -31,7 +31,8 @@ sends more in phase 3 than in phase 2 (one at a time, it waits out a phase-2 ans
 jobs take device time from the heavy one; so throughput is compared per second of device time the light
 tenant left (the window less the light jobs' seconds on the device, from the node's record of each
 request, matched by ``X-Request-ID``), as well as raw. The node's record also splits the light median
-into its parts: at the gateway, waiting in the node, running.
+into its parts: at the gateway, waiting in the node, running; and it gives the device's idle spells
+between two jobs (with ``--node-queue 0``, a round trip through the gateway each).
 
 Goals: light median in phase 3 at most 2x L0; heavy throughput per device-second left in phase 3 at
 least 0.95x phase 2's.
@@ -213,6 +214,12 @@ class PhaseResult:
         answered = sum(1 for s in self.heavy if s.status == 200 and start <= s.answered < end)
         return answered / (self.seconds - self.device_s("light"))
 
+    def gaps(self) -> list[float]:
+        """The device's idle spells between jobs that started within the window (by the node's record)."""
+        start, end = self.window
+        jobs = sorted(self.jobs.values(), key=lambda job: job["started"])
+        return [b["started"] - a["finished"] for a, b in zip(jobs, jobs[1:]) if start <= b["started"] < end]
+
     def light_parts(self) -> tuple[float, float, float]:
         """Medians of the light requests' time at the gateway (latency less its time in the node), waiting
         in the node, and running there."""
@@ -312,8 +319,8 @@ async def fairness(args: argparse.Namespace, folder: Path) -> list[PhaseResult]:
     return results
 
 
-def ms(seconds: float) -> str:
-    return "-" if math.isnan(seconds) else f"{1000 * seconds:.0f}"
+def ms(seconds: float, digits: int = 0) -> str:
+    return "-" if math.isnan(seconds) else f"{1000 * seconds:.{digits}f}"
 
 
 def verdict(ok: bool) -> str:
@@ -323,7 +330,7 @@ def verdict(ok: bool) -> str:
 def fairness_report(results: list[PhaseResult], args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]:
     by = {r.phase.key: r for r in results}
     lines = [
-        f"## fairness: one simulated node (bench.sim_node, capacity 9), a {WIDTH}x{HEIGHT} {DEFAULT_STEPS}-step job runs "
+        f"### fairness: one simulated node (bench.sim_node, capacity 9), a {WIDTH}x{HEIGHT} {DEFAULT_STEPS}-step job runs "
         f"{args.job_ms:g} ms; heavy: {args.heavy} requests in flight; light: one at a time, every {args.light_every:g} s "
         f"(x 0.5 to 1.5, seed {args.seed}) or at its answer; {args.seconds:g} s measured per phase after {WARM_S:g} s of load",
         "",
@@ -363,6 +370,8 @@ def fairness_report(results: list[PhaseResult], args: argparse.Namespace) -> tup
         f"{len(turn.light)} requests in turn against {len(order.light)} in arrival order, and used "
         f"{100 * turn.device_s('light') / turn.seconds:.0f} % of the device against {100 * order.device_s('light') / order.seconds:.0f} %)",
         f"heavy alone, --node-queue 0 / default: {alone_ratio:.3f}x  (what keeping the queue at the gateway costs the device)",
+        "device idle between two jobs, median / p90 ms (a round trip through the gateway with --node-queue 0): "
+        + ", ".join(f"{r.phase.key} {ms(median(r.gaps()), 1)} / {ms(percentile(r.gaps(), 90), 1)}" for r in results if r.phase.heavy),
     ]
     figures = {
         "L0_ms": round(1000 * l0),
@@ -464,7 +473,7 @@ async def hammer(session: aiohttp.ClientSession, gateways: list[Process], args: 
 def limit_report(result: LimitResult, args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]:
     ok = abs(result.ratio - 1) <= LIMIT_GOAL
     lines = [
-        f"## shared limit: two gateways, --limits-redis on one redis-server, one key of requests_per_minute = {result.limit}; "
+        f"### shared limit: two gateways, --limits-redis on one redis-server, one key of requests_per_minute = {result.limit}; "
         f"{args.workers} workers per gateway back to back; counted from the first 429 for {result.window:g} s",
         "",
         "| burst accepted (before the first 429) | accepted in window (gateway 1 + 2) | expected (limit x window / 60) "
