@@ -363,10 +363,18 @@ class NodePool:
     def _grant(self) -> None:
         """Free slots to waiting requests, in turn; each grant changes whose turn is next."""
         granted = False
+        # What found no free slot stays so while slots are only taken: every waiter of the same model and
+        # exclusions is skipped without a selection (on the path from one request's end to the next's start).
+        full: set[tuple[str, frozenset[str]]] = set()
         while self._waiters:
             for waiter in self._waiters.in_turn():
+                wants = (waiter.model_id, frozenset(waiter.exclude))
+                if wants in full:
+                    continue
                 node = self.select(waiter.model_id, waiter.exclude, waiter.demand)
-                if node is not None:
+                if node is None:
+                    full.add(wants)
+                else:
                     waiter.future.set_result(self._take(node, waiter.model_id, waiter.demand))
                     self._waiters.remove(waiter, granted=True)
                     granted = True
@@ -386,6 +394,8 @@ class NodePool:
 
     def _queue_moved(self) -> None:
         self._metrics.queued.set(len(self._waiters))
+        if not any(waiter.notify for waiter in self._waiters):
+            return
         for position, waiter in enumerate(self._waiters.in_turn()):
             if waiter.notify:
                 waiter.notify("queued", {"position": position})
