@@ -236,12 +236,15 @@ class LocalLimiter:
 # of their own while requests keep coming).
 # KEYS: the concurrency set (member: ticket, score: when its slot expires), one TAT key per limit, then the
 #   concurrency sets to release tickets from.
-# ARGV: ticket, concurrency limit ("" = none), hold seconds, the number of limits n, limit and cost for each
-#   TAT key, then for each set to release from: the number of its tickets, and the tickets.
-# Returns now, 1 if the concurrency limit denies, then per TAT key: its TAT before, 1 if the cost fits.
+# ARGV: ticket, concurrency limit ("" = none), hold seconds, the number of limits n, "limit cost" for each
+#   TAT key in one string, then for each set to release from: the number of its tickets, and the tickets.
+# Returns one string: now, 1 if the concurrency limit denies, then per TAT key its TAT before and 1 if the
+# cost fits. (Few arguments and one reply: on every request, packing and parsing are what the client costs.)
 _ADMIT = """
 local n = tonumber(ARGV[4])
-local a = 5 + 2 * n
+local spec = {}
+for number in string.gmatch(ARGV[5], '%S+') do spec[#spec + 1] = tonumber(number) end
+local a = 6
 for k = 2 + n, #KEYS do
   local count = tonumber(ARGV[a])
   redis.call('ZREM', KEYS[k], unpack(ARGV, a + 1, a + count))
@@ -249,19 +252,19 @@ for k = 2 + n, #KEYS do
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
-local reply, ends, ok = {string.format('%.17g', now), 0}, {}, true
+local reply, ends, ok = {string.format('%.17g', now), '0'}, {}, true
 for i = 1, n do
-  local limit, cost = tonumber(ARGV[3 + 2 * i]), tonumber(ARGV[4 + 2 * i])
+  local limit, cost = spec[2 * i - 1], spec[2 * i]
   local tat = tonumber(redis.call('GET', KEYS[1 + i])) or now
   ends[i] = math.max(tat, now) + cost * (60 / math.max(limit, 1e-9))
   local fits = ends[i] - now <= 60 + 1e-6
   ok = ok and fits
   reply[#reply + 1] = string.format('%.17g', tat)
-  reply[#reply + 1] = fits and 1 or 0
+  reply[#reply + 1] = fits and '1' or '0'
 end
 if ARGV[2] ~= '' then
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%.17g', now))
-  if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then reply[2] = 1; ok = false end
+  if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then reply[2] = '1'; ok = false end
 end
 if ok then
   for i = 1, n do
@@ -273,7 +276,7 @@ if ok then
     redis.call('PEXPIRE', KEYS[1], math.max(1, math.ceil(tonumber(ARGV[3]) * 1000)))
   end
 end
-return reply
+return table.concat(reply, ' ')
 """
 
 
@@ -335,7 +338,7 @@ class RedisLimiter:
             return await self._fallback(tenant, quota, cost, ticket)
         keys = [self._key(tenant, "concurrent")] + [self._key(tenant, dim) for dim, _, _ in priced]
         args = [ticket, "" if quota.concurrent is None else str(quota.concurrent), repr(float(self._hold_s)), str(len(priced))]
-        args += [repr(number) for _, limit, amount in priced for number in (limit, amount)]
+        args.append(" ".join(repr(number) for _, limit, amount in priced for number in (limit, amount)))
         releases, self._releases = self._releases, {}
         for releasing, tickets in releases.items():
             keys.append(self._key(releasing, "concurrent"))
@@ -352,8 +355,9 @@ class RedisLimiter:
             self._release(tenant, ticket, quota)  # it may have taken a slot that no one will finish
             raise
         self._reached()
-        checks = [_Check(dim, lim, c, float(reply[2 + 2 * i]), int(reply[3 + 2 * i]) == 1) for i, (dim, lim, c) in enumerate(priced)]
-        verdict = _verdict(float(reply[0]), checks, int(reply[1]) == 1, quota.concurrent)
+        reply = reply.split()
+        checks = [_Check(dim, lim, c, float(reply[2 + 2 * i]), reply[3 + 2 * i] == "1") for i, (dim, lim, c) in enumerate(priced)]
+        verdict = _verdict(float(reply[0]), checks, reply[1] == "1", quota.concurrent)
         if verdict.allowed and quota.concurrent is not None:
             self._held.add((tenant, ticket))
         return verdict
