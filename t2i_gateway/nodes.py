@@ -88,13 +88,14 @@ class FairQueue:
     proportion to their weights, so that one tenant's many requests do not delay another's few.
 
     Stride scheduling: each grant moves its tenant's pass on by ``1 / weight``, and the next goes to
-    the waiting tenant with the lowest pass. A tenant that starts waiting begins at the pass of the
-    last grant: time without waiting requests banks no credit. Between equal passes, the tenant with
-    fewer requests waiting goes first."""
+    the waiting tenant with the lowest pass. A tenant that starts waiting again keeps its pass, or takes
+    the pass of the last grant if that is later: time without waiting requests banks no credit, and a
+    tenant with one request at a time gets no more than its weight's share. Between equal passes, the
+    tenant with fewer requests waiting goes first."""
 
     def __init__(self) -> None:
         self._queues: dict[str, deque[_Waiter]] = {}  # tenants with waiting requests only
-        self._pass: dict[str, float] = {}
+        self._pass: dict[str, float] = {}  # every tenant seen: bounded by the keys (tenants are key names)
         self._last_pass = 0.0
         self._count = 0
 
@@ -110,7 +111,7 @@ class FairQueue:
     def append(self, waiter: _Waiter) -> None:
         if waiter.tenant not in self._queues:
             self._queues[waiter.tenant] = deque()
-            self._pass[waiter.tenant] = self._last_pass
+            self._pass[waiter.tenant] = max(self._pass.get(waiter.tenant, 0.0), self._last_pass)
         self._queues[waiter.tenant].append(waiter)
         self._count += 1
 
@@ -125,12 +126,12 @@ class FairQueue:
             self._last_pass = self._pass[waiter.tenant]
             self._pass[waiter.tenant] += 1 / waiter.weight
         if not queue:
-            del self._queues[waiter.tenant], self._pass[waiter.tenant]
+            del self._queues[waiter.tenant]
         return True
 
     def in_turn(self) -> list[_Waiter]:
         """Every waiting request, in the order the tenants' turns would serve them."""
-        passes = dict(self._pass)
+        passes = {tenant: self._pass[tenant] for tenant in self._queues}
         positions = dict.fromkeys(self._queues, 0)
         order: list[_Waiter] = []
         while positions:

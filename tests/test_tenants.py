@@ -173,6 +173,21 @@ async def test_fair_queue_serves_tenants_in_turn_by_weight() -> None:
     assert [w for w in queue.in_turn() if w.tenant == "double"] == double and len(queue) == 8
 
 
+async def test_a_tenant_with_one_request_at_a_time_gets_its_weights_share_and_no_more() -> None:
+    queue = FairQueue()
+    for _ in range(40):
+        queue.append(_waiter("heavy", 4.0))
+    queue.append(_waiter("light"))
+    served = []
+    for _ in range(20):
+        waiter = queue.in_turn()[0]
+        queue.remove(waiter, granted=True)
+        served.append(waiter.tenant)
+        if waiter.tenant == "light":
+            queue.append(_waiter("light"))  # its next request, as soon as the last is answered
+    assert served.count("light") == 4  # 1 in 5: weight 1 against 4, although it is always waiting
+
+
 async def test_fair_queue_keeps_room_for_a_tenant_when_another_filled_it() -> None:
     queue = FairQueue()
     for _ in range(4):
