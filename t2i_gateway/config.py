@@ -107,8 +107,8 @@ OPTIONS = (
     Option(
         "node-queue",
         "requests the gateway leaves waiting on a node beyond the one it runs (default: as many as the node takes); "
-        "0 keeps every wait at the gateway, where keys are served in turn, at the cost of a round trip between a node's "
-        "jobs and of its batching",
+        "0 keeps every wait at the gateway, where keys are served in turn (one more goes as the node's work is about to "
+        "end, so that its device does not wait for it); a batching node needs its batch size",
         type=int,
     ),
     Option("queue-timeout", "seconds a request waits for a free slot before its 503", type=positive(float), default=30.0),

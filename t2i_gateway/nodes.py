@@ -50,6 +50,9 @@ MAX_IDLE_PROBES_PER_S = 50.0  # beyond 250 nodes (at the default 5 s), idle ones
 # Nodes whose expected completion is within this of the soonest are equals, one taken at random: gateways
 # that share a fleet on reports a second old do not all pile onto the one fastest node.
 NEAR_SHARE = 0.1
+# With --node-queue, the next request goes to a node this long before what it runs is expected to end:
+# about a round trip through the gateway, so that the device does not sit idle between two jobs.
+LEAD_S = 0.01
 NEAR_S = 0.005
 # A node's reported speed is checked against what this gateway sees: over its last OBSERVED requests of
 # at least OBSERVED_WORK megapixel-steps (smaller ones are mostly overhead), the quickest took seconds per
@@ -155,7 +158,9 @@ class Node:
     endpoint: Endpoint
     capabilities: dict[str, Any] | None = None  # the last valid /capabilities answer
     tiers: dict[str, int] = field(default_factory=dict)  # model -> 0 warm (or loaded), 1 loadable on demand
-    capacity: int = 0  # as it advertised at the last probe (at most 1 + the pool's node_queue)
+    capacity: int = 0  # as it advertised at the last probe, at most 1 + the pool's node_queue
+    advertised: int = 0  # as it advertised
+    busy_until: float = 0.0  # when the work we sent it should end (monotonic; 0: none of known length)
     ready: bool = False
     suspended_until: float = 0.0
     failures: int = 0  # requests failed in a row
@@ -191,8 +196,13 @@ class Node:
         return self.tiers.get(model_id)
 
     def free(self) -> int:
-        """Advertised capacity minus load: the load it reported, plus what we sent since."""
-        return self.capacity - max(self.in_flight, self.reported_busy + self.in_flight - self.in_flight_at_probe)
+        """Capacity minus load: the load it reported, plus what we sent since. Where the gateway keeps the
+        queue (``--node-queue``), one more once the work we sent is expected to end within ``LEAD_S``: the
+        next request is on its way as the last one ends, and the device does not wait for a round trip."""
+        capacity = self.capacity
+        if capacity < self.advertised and self.busy_until and self.busy_until - time.monotonic() <= LEAD_S:
+            capacity += 1
+        return capacity - max(self.in_flight, self.reported_busy + self.in_flight - self.in_flight_at_probe)
 
     def suspended(self, now: float) -> bool:
         return now < self.suspended_until
@@ -348,6 +358,7 @@ class NodePool:
         if demand is not None and epoch == node.epoch:  # else a report since counted it, and has run it down
             node.sent_s = max(0.0, node.sent_s - node.seconds_for(model_id, demand))
         if not node.in_flight:
+            node.busy_until = 0.0
             if node.leaving:
                 self._remove(node)  # its last request has finished there
             else:
@@ -356,8 +367,13 @@ class NodePool:
 
     def _take(self, node: Node, model_id: str, demand: Demand) -> Node:
         node.in_flight += 1
-        node.sent_s += node.seconds_for(model_id, demand)  # until its next report says
-        node.next_probe = min(node.next_probe, time.monotonic() + BUSY_PROBE_S)  # in use: probed every second
+        seconds, now = node.seconds_for(model_id, demand), time.monotonic()
+        node.sent_s += seconds  # until its next report says
+        node.next_probe = min(node.next_probe, now + BUSY_PROBE_S)  # in use: probed every second
+        if seconds:
+            node.busy_until = max(node.busy_until, now) + seconds
+            if node.capacity < node.advertised:  # the gateway keeps the queue: grant the next as this one ends
+                asyncio.get_running_loop().call_later(node.busy_until - now - LEAD_S, self._grant)
         self._idle.pop(node, None)
         return node
 
@@ -658,7 +674,8 @@ class NodePool:
     def _apply(self, node: Node, capabilities: dict[str, Any], now: float) -> None:
         """What a probe or a report says of ``node``; when to probe it next."""
         node.capabilities = capabilities
-        capacity = int(min(capabilities["capacity"], 1 + self._node_queue))
+        node.advertised = int(capabilities["capacity"])
+        capacity = int(min(node.advertised, 1 + self._node_queue))
         if node.capacity != capacity:
             node.capacity = capacity
             self._stale = True  # the largest capacity on offer may have changed

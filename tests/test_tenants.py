@@ -6,14 +6,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from discovery import Endpoint
 from t2i_common.config import ConfigError
 from t2i_gateway.config import load_config
-from t2i_gateway.nodes import FairQueue, _Waiter
+from t2i_gateway.nodes import LEAD_S, FairQueue, Node, _Waiter
 from t2i_gateway.state import KEYS, POOL
 from t2i_gateway.tenants import KeyFiles, KeysError, main, read_keys, secret_hash
 
@@ -319,3 +321,15 @@ async def test_node_queue_keeps_the_wait_at_the_gateway(make_gateway: MakeGatewa
     assert len(fake.requests) == 1  # one on the node, the rest wait here
     fake.release.set()
     assert [r.status for r in await asyncio.gather(*requests)] == [200] * 3
+
+
+def test_where_the_gateway_keeps_the_queue_a_node_takes_the_next_request_as_the_last_ends() -> None:
+    node = Node(Endpoint("http://127.0.0.1:1"), capacity=1, advertised=9, in_flight=1)  # --node-queue 0
+    node.busy_until = time.monotonic() + 1.0
+    assert node.free() == 0  # a second of work left: the next waits at the gateway
+    node.busy_until = time.monotonic() + LEAD_S / 2
+    assert node.free() == 1  # about to end: the next goes now, and the device does not wait for it
+    node.in_flight = 2
+    assert node.free() == 0  # one ahead, no more
+    node.capacity = node.advertised = node.in_flight = 1
+    assert node.free() == 0  # never beyond what it advertises
