@@ -214,7 +214,8 @@ def test_logs_hold_no_secrets_and_no_prompts(network: dict[str, Any]) -> None:
     gateway_log = network["gateway"].log.read_text()
     # One line per request: its id, the key, the model, the node, the attempts, the status, the time, a prompt hash.
     assert re.search(
-        r"request \w+: key anonymous model t2i/tiny-sd node http://127\.0\.0\.1:\d+ attempts 1 status 200 in [\d.]+ s prompt sha256:", gateway_log
+        r"request \w+: key anonymous model t2i/tiny-sd node http://127\.0\.0\.1:\d+ attempts 1 status 200 in [\d.]+ s prompt sha256:",
+        gateway_log,
     )
 
 
