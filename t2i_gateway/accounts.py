@@ -37,7 +37,6 @@ NO_LIMITS = Quota()
 class Charge:
     """What one admitted request holds of its key's limits, and what it used."""
 
-    tenant: Tenant
     ticket: str
     cost: Cost
     headers: dict[str, str]  # the key's x-ratelimit-* as of its admission, sent with the answer
@@ -124,7 +123,7 @@ async def charge(request: web.Request, job: TextToImageRequest, model_id: str) -
         if not verdict.allowed:
             raise _refusal(tenant, cost, verdict.exceeded or "requests", verdict.retry_after_s, verdict.headers)
         headers = verdict.headers
-    request[CHARGE] = Charge(tenant, ticket, cost, headers)
+    request[CHARGE] = Charge(ticket, cost, headers)
 
 
 def _refusal(tenant: Tenant, cost: Cost, exceeded: str, retry_after_s: float, headers: dict[str, str]) -> APIError:
