@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 import urllib.request
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 from bench.common import Process as Daemon
 from bench.common import free_port, launch
 
-__all__ = ["PRODUCT", "STARTED", "Daemon", "blockbuster_env", "free_port", "start", "wait_healthy"]
+__all__ = ["PRODUCT", "STARTED", "Daemon", "blockbuster_env", "free_port", "start", "wait_for_line", "wait_healthy"]
 
 # The project's own packages, checked by blockbuster in the tests and in the daemons they start: file
 # I/O, time.sleep or a blocking lock called from them on a running event loop fails the test (as
@@ -51,3 +52,16 @@ def wait_healthy(daemon: Daemon, timeout: float = 90, path: str = "/health") -> 
         time.sleep(0.2)
     daemon.stop()
     raise AssertionError(f"{daemon.url} did not become healthy:\n{daemon.log.read_text()[-3000:]}")
+
+
+def wait_for_line(daemon: Daemon, text: str) -> str:
+    """The first line of the daemon's log that holds ``text``, read as it is written (``tail -F``
+    follows the file), once it is there."""
+    with subprocess.Popen(["tail", "-n", "+1", "-F", str(daemon.log)], stdout=subprocess.PIPE, text=True) as tail:
+        try:
+            for line in tail.stdout or ():
+                if text in line:
+                    return line
+        finally:
+            tail.kill()
+    raise AssertionError(f"{daemon.log} ended without {text!r}")

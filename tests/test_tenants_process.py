@@ -3,24 +3,28 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import re
 import signal
-import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import openai
 import pytest
 
 from bench.common import RedisServer
 from t2i_gateway.tenants import secret_hash
 
-from .processes import Daemon, start, wait_healthy
+from .fakes import FakeOrchestrator
+from .helpers import wait_until
+from .processes import Daemon, start, wait_for_line, wait_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -46,20 +50,6 @@ def call(url: str, secret: str, body: dict[str, Any] | None = BODY) -> tuple[int
         return error.code, dict(error.headers), json.loads(error.read())
 
 
-def until(condition: Callable[[], bool], what: str) -> None:
-    """Until ``condition()`` holds, as a client would poll for it (bounded: a hung daemon fails the test)."""
-    for _ in range(300):
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"never: {what}")
-
-
-def metrics(daemon: Daemon) -> str:
-    with urllib.request.urlopen(f"{daemon.url}/metrics", timeout=10) as response:
-        return str(response.read().decode())
-
-
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[Daemon]:
     daemon = start("bench.fake_node", ["--behaviour", "ok"], tmp_path)
@@ -67,8 +57,8 @@ def node(tmp_path: Path) -> Iterator[Daemon]:
     daemon.stop()
 
 
-def gateway(tmp_path: Path, node: Daemon, keys: Path, *extra: str) -> Daemon:
-    daemon = start("t2i_gateway", ["--orchestrator", node.url, "--keys-file", str(keys), *extra], tmp_path)
+def gateway(tmp_path: Path, node_url: str, keys: Path, *extra: str) -> Daemon:
+    daemon = start("t2i_gateway", ["--orchestrator", node_url, "--keys-file", str(keys), *extra], tmp_path)
     wait_healthy(daemon)
     return daemon
 
@@ -76,18 +66,15 @@ def gateway(tmp_path: Path, node: Daemon, keys: Path, *extra: str) -> Daemon:
 def test_two_gateways_over_one_redis_enforce_one_limit(tmp_path: Path, node: Daemon, redis_server: RedisServer) -> None:
     keys = tmp_path / "keys.toml"
     keys.write_text(keys_toml("requests_per_minute = 3"))  # one more every 20 s: none comes back during the test
-    gateways = [gateway(tmp_path, node, keys, "--limits-redis", redis_server.url) for _ in range(2)]
+    gateways = [gateway(tmp_path, node.url, keys, "--limits-redis", redis_server.url) for _ in range(2)]
     try:
         statuses = [call(f"{gateways[i % 2].url}/text-to-image", ACME)[0] for i in range(8)]
         assert sorted(statuses) == [200] * 3 + [429] * 5, statuses  # one limit of 3, not 3 at each gateway
-
-        def summed() -> bool:  # each gateway writes its usage to Redis after its answers: read it once it is there
-            status, _, body = call(f"{gateways[0].url}/admin/usage", OPS, None)
-            return status == 200 and body["keys"].get("acme", {}).get("requests") == {"200": 3, "429": 5}
-
-        until(summed, "both gateways' usage in one sum")
-        _, _, body = call(f"{gateways[1].url}/admin/usage", OPS, None)
-        assert body["shared"] is True and body["keys"]["acme"]["images"] == 3
+        # The second gateway writes what it has not written yet to Redis as it stops; the first adds its own.
+        assert gateways[1].stop() == 0
+        status, _, body = call(f"{gateways[0].url}/admin/usage", OPS, None)
+        assert status == 200 and body["shared"] is True
+        assert body["keys"]["acme"]["requests"] == {"200": 3, "429": 5} and body["keys"]["acme"]["images"] == 3
 
         redis_server.stop()  # the documented choice: each gateway limits alone until Redis is back
         status, headers, _ = call(f"{gateways[0].url}/text-to-image", ACME)
@@ -104,7 +91,7 @@ def test_two_gateways_over_one_redis_enforce_one_limit(tmp_path: Path, node: Dae
 def test_openai_client_meets_the_limit_and_waits_as_told(tmp_path: Path, node: Daemon) -> None:
     keys = tmp_path / "keys.toml"
     keys.write_text(keys_toml("requests_per_minute = 20"))  # one more every 3 s
-    daemon = gateway(tmp_path, node, keys)
+    daemon = gateway(tmp_path, node.url, keys)
     try:
         while call(f"{daemon.url}/v1/images/generations", ACME, {"prompt": "a cat", "size": "64x64"})[0] == 200:
             pass  # its minute's worth at once
@@ -125,28 +112,38 @@ def test_openai_client_meets_the_limit_and_waits_as_told(tmp_path: Path, node: D
         assert daemon.stop() == 0
 
 
-def test_keys_file_is_reloaded_on_sighup_without_dropping_requests(tmp_path: Path) -> None:
-    slow = start("bench.fake_node", ["--behaviour", "ok", "--delay-ms", "1500"], tmp_path)
+async def test_keys_file_is_reloaded_on_sighup_without_dropping_requests(tmp_path: Path, aiohttp_server: Any) -> None:
+    fake = FakeOrchestrator()  # in this process, its generations held until released: a request stays in flight
+    node_url = str((await aiohttp_server(fake.app())).make_url("")).rstrip("/")
     keys = tmp_path / "keys.toml"
     keys.write_text(keys_toml("", name="acme"))
-    daemon = gateway(tmp_path, slow, keys)
+    daemon = await asyncio.to_thread(gateway, tmp_path, node_url, keys)
     try:
-        in_flight: list[int] = []
-        worker = threading.Thread(target=lambda: in_flight.append(call(f"{daemon.url}/text-to-image", ACME)[0]))
-        worker.start()
-        until(lambda: "t2i_gateway_in_flight 1.0" in metrics(daemon), "a request in flight")
-        # A change the file watcher cannot see (same size, inode and times): only the signal reloads it.
-        before = keys.stat()
-        with keys.open("r+") as file:
-            file.write(keys_toml("", name="acmf"))
-        os.utime(keys, ns=(before.st_atime_ns, before.st_mtime_ns))
-        daemon.signal(signal.SIGHUP)
-        until(lambda: "keys reloaded: 2 key(s) of 2 tenant(s)" in daemon.log.read_text(), "the reload")
-        status, _, _ = call(f"{daemon.url}/text-to-image", ACME, {**BODY, "num_inference_steps": 1})
-        assert status == 200 and "key acmf" in daemon.log.read_text()
-        worker.join()
-        assert in_flight == [200]  # admitted before the reload, answered after it
+        fake.mode = "hold"
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {ACME}"}) as session:
+
+            async def generate() -> int:
+                async with session.post(f"{daemon.url}/text-to-image", json=BODY) as response:
+                    await response.read()
+                    return response.status
+
+            first = asyncio.create_task(generate())
+            await wait_until(lambda: len(fake.requests) == 1)  # admitted as 'acme', held on the node
+            # A change the file watcher cannot see (same size, inode and times): only the signal reloads it.
+            before = keys.stat()
+            with keys.open("r+") as file:
+                file.write(keys_toml("", name="acmf"))
+            os.utime(keys, ns=(before.st_atime_ns, before.st_mtime_ns))
+            daemon.signal(signal.SIGHUP)
+            await asyncio.to_thread(wait_for_line, daemon, "keys reloaded: 2 key(s) of 2 tenant(s)")
+            second = asyncio.create_task(generate())
+            await wait_until(lambda: len(fake.requests) == 2)
+            fake.release.set()
+            assert [await first, await second] == [200, 200]
         assert daemon.process.poll() is None  # SIGHUP reloads; it does not stop the gateway
     finally:
         assert daemon.stop() == 0
-        slow.stop()
+    log = daemon.log.read_text()
+    # The request in flight across the reload kept the key it came with; the next has the new name.
+    assert re.search(r"key acme model \S+ node \S+ attempts 1 status 200", log)
+    assert re.search(r"key acmf model \S+ node \S+ attempts 1 status 200", log)
