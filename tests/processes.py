@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 from bench.common import Process as Daemon
 from bench.common import free_port, launch
 
-__all__ = ["PRODUCT", "STARTED", "Daemon", "blockbuster_env", "free_port", "start", "wait_for_line", "wait_healthy"]
+__all__ = ["PRODUCT", "STARTED", "Daemon", "blockbuster_env", "free_port", "run_bench", "start", "wait_for_line", "wait_healthy"]
 
 # The project's own packages, checked by blockbuster in the tests and in the daemons they start: file
 # I/O, time.sleep or a blocking lock called from them on a running event loop fails the test (as
@@ -19,6 +20,7 @@ __all__ = ["PRODUCT", "STARTED", "Daemon", "blockbuster_env", "free_port", "star
 # that belongs there passes.
 PRODUCT = ["t2i_common", "t2i_gateway", "t2i_orchestrator", "t2i_cli", "discovery", "metrics"]
 BLOCKBUSTER_SITE = Path(__file__).parent / "blockbuster_site"
+ROOT = Path(__file__).resolve().parent.parent
 STARTED: list[Daemon] = []  # every daemon started, whose log the blockbuster fixture reads after each test
 
 
@@ -65,3 +67,10 @@ def wait_for_line(daemon: Daemon, text: str) -> str:
         finally:
             tail.kill()
     raise AssertionError(f"{daemon.log} ended without {text!r}")
+
+
+def run_bench(*args: str, timeout: float) -> list[str]:
+    """``python -m <args>`` from the project's root, with blockbuster on; its output's lines, once it exited 0."""
+    result = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=blockbuster_env())
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout.splitlines()

@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import math
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from .processes import blockbuster_env
+from .processes import run_bench
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
 ROWS = (
     "heartbeats written (1 pipeline)",
     "registered -> 20 routable",
@@ -52,25 +48,17 @@ SUMMARY_KEYS = (
 
 
 def test_the_fleet_bench_prints_every_row_and_a_summary_of_finite_figures() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.fleet", "--nodes", "20", "--seconds", "1", "--idle-seconds", "1"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=blockbuster_env(),
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    lines = result.stdout.splitlines()
+    lines = run_bench("bench.fleet", "--nodes", "20", "--seconds", "1", "--idle-seconds", "1", timeout=120)
+    output = "\n".join(lines)
     for row in ROWS:
         matching = [line for line in lines if line.startswith(row)]
-        assert matching, f"no row {row!r} in:\n{result.stdout}"
+        assert matching, f"no row {row!r} in:\n{output}"
         assert re.search(r"\d", matching[0][len(row) :]) and "nan" not in matching[0], matching[0]
     for goal_row in ("selection/request @ 1000 nodes", "gateway idle CPU, 20 nodes", "requests/s ratio 20 : 1"):
         line = next(line for line in lines if line.startswith(goal_row))
         assert line.endswith(("met", "MISSED")), line
     summary = [line for line in lines if line.startswith("summary: ")]
-    assert len(summary) == 1, result.stdout
+    assert len(summary) == 1, output
     figures = dict(pair.split("=", 1) for pair in summary[0].removeprefix("summary: ").split())
     for key in SUMMARY_KEYS:
         assert math.isfinite(float(figures[key])), f"{key}={figures.get(key)} in {summary[0]}"

@@ -4,24 +4,14 @@ from __future__ import annotations
 
 import math
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from .processes import blockbuster_env
+from .processes import run_bench
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
 NUMBER = r"[-+]?\d+(?:\.\d+)?"
-
-
-def run_bench(*args: str, timeout: float) -> list[str]:
-    result = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=blockbuster_env())
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout.splitlines()
 
 
 def row_figures(lines: list[str], prefix: str) -> list[float]:

@@ -5,9 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,9 +16,8 @@ from discovery import RegistrySettings
 from discovery.redis_registry import RedisRegistry
 from t2i_gateway.nodes import _check_capabilities
 
-from .processes import blockbuster_env
+from .processes import run_bench
 
-ROOT = Path(__file__).resolve().parent.parent
 SMALL = {"prompt": "p", "model_id": MODEL, "width": 512, "height": 512, "num_inference_steps": 1}
 
 
@@ -167,19 +163,11 @@ async def test_the_sim_node_registers_its_report_in_redis(aiohttp_client: Any, r
 
 
 def test_a_tiny_run_of_the_bench_prints_its_table_and_exits_0() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.scheduling", "--scenarios", "A", "--loads", "0.7", "--requests", "40", "--probes", "3"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=blockbuster_env(),
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    lines = result.stdout.splitlines()
-    assert any(line.startswith('### A "4:1 one size"') for line in lines), result.stdout
+    lines = run_bench("bench.scheduling", "--scenarios", "A", "--loads", "0.7", "--requests", "40", "--probes", "3", timeout=120)
+    output = "\n".join(lines)
+    assert any(line.startswith('### A "4:1 one size"') for line in lines), output
     assert any(line.startswith("| load | requests | not 200 | measured p50 | measured p99 | in-node p99 | JSQ p50") for line in lines), (
-        result.stdout
+        output
     )
     [row] = [line for line in lines if line.startswith("| 70% |")]
     cells = [cell.strip() for cell in row.strip("|").split("|")]
@@ -187,6 +175,6 @@ def test_a_tiny_run_of_the_bench_prints_its_table_and_exits_0() -> None:
     figures = [float(cell.removesuffix("x")) for cell in cells[3:11]]  # the latencies and the ratio
     assert all(figure > 0 for figure in figures), row
     assert cells[-1] in ("met", "MISSED"), row
-    assert any(re.match(r"verdict: (0|1) of 1 latency goals met.*; every request answered$", line) for line in lines), result.stdout
+    assert any(re.match(r"verdict: (0|1) of 1 latency goals met.*; every request answered$", line) for line in lines), output
     [summary] = [line for line in lines if line.startswith("summary: ")]
     assert re.fullmatch(r"summary: A70_ratio=\d+\.\d+ not_200=0 goals=A:(met|MISSED)", summary), summary
