@@ -502,14 +502,12 @@ def limit_report(result: LimitResult, args: argparse.Namespace) -> tuple[list[st
 async def run(args: argparse.Namespace, folder: Path) -> tuple[list[str], dict[str, Any]]:
     lines: list[str] = [f"bench.tenants: real gateways (python -m t2i_gateway) and nodes on loopback, {', '.join(args.parts)}; times in ms"]
     figures: dict[str, Any] = {"goals": {}, "failed": 0}
+    reports: list[tuple[list[str], dict[str, Any]]] = []
     if "fairness" in args.parts:
-        part, found = fairness_report(await fairness(args, folder), args)
-        lines += ["", *part]
-        figures |= {k: v for k, v in found.items() if k not in ("goals", "failed")}
-        figures["goals"] |= found["goals"]
-        figures["failed"] += found["failed"]
+        reports.append(fairness_report(await fairness(args, folder), args))
     if "limit" in args.parts:
-        part, found = limit_report(await shared_limit(args, folder), args)
+        reports.append(limit_report(await shared_limit(args, folder), args))
+    for part, found in reports:
         lines += ["", *part]
         figures |= {k: v for k, v in found.items() if k not in ("goals", "failed")}
         figures["goals"] |= found["goals"]
