@@ -23,6 +23,7 @@ from t2i_common.errors import APIError, BadRequest, Forbidden, Handler, TooManyR
 from t2i_common.schemas import TextToImageRequest
 
 from .limits import Cost, Limiter, LocalLimiter, Quota, RedisLimiter, Usage
+from .nodes import Demand
 from .state import CONFIG, KEYS, LIMITER, METRICS, POOL
 from .tenants import ANONYMOUS, KeyFiles, Tenant
 
@@ -114,8 +115,8 @@ async def charge(request: web.Request, job: TextToImageRequest, model_id: str) -
     if not tenant.may_use(model_id):
         allowed = ", ".join(sorted(tenant.models or ())) or "none"
         raise Forbidden(f"Key {tenant.name!r} may not use model {model_id!r}; it may use: {allowed}.")
-    steps = job.num_inference_steps or request.app[POOL].default_steps(model_id)
-    cost = Cost(job.num_images_per_prompt, job.width * job.height / 1e6 * steps * job.num_images_per_prompt)
+    demand = Demand.of(job)
+    cost = Cost(job.num_images_per_prompt, demand.megapixels * (demand.steps or request.app[POOL].default_steps(model_id)))
     ticket = uuid.uuid4().hex
     headers: dict[str, str] = {}
     if tenant.quota != NO_LIMITS:  # else nothing to count before it runs: no round trip

@@ -217,7 +217,7 @@ def _admit(request: web.Request, parse: Callable[[dict[str, Any]], TextToImageRe
 async def dispatch(request: web.Request, trace: _Trace, job: Job, model_id: str, notify: Notify | None) -> dict[str, Any]:
     """Run an admitted job on the network: the Livepeer result body, or an APIError."""
     wanted = job.request
-    demand = Demand(wanted.width * wanted.height * wanted.num_images_per_prompt / 1e6, wanted.num_inference_steps)
+    demand = Demand.of(wanted)
     return await _observed(request, trace, wanted.prompt, model_id, job.forward, Expected.of(wanted), demand, notify)
 
 

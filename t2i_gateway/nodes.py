@@ -27,6 +27,7 @@ import aiohttp
 
 from discovery import Discovery, Endpoint
 from metrics import GatewayMetrics
+from t2i_common.schemas import TextToImageRequest
 from t2i_common.sse import Notify
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,10 @@ class Demand:
 
     megapixels: float = 0.0
     steps: int | None = None
+
+    @classmethod
+    def of(cls, request: TextToImageRequest) -> Demand:
+        return cls(request.width * request.height * request.num_images_per_prompt / 1e6, request.num_inference_steps)
 
     def work(self, node: Node, model_id: str) -> float:
         """In megapixel-steps, on ``node`` (whose default steps for the model apply when the request names none)."""
