@@ -328,7 +328,9 @@ def capabilities_report(app: web.Application) -> dict[str, Any]:
         "capacity": device.capacity,
         "in_flight": device.running,
         "queued": device.waiting,
-        "held_s": round(device.held_s(), 4),  # the work it holds, in seconds: what a gateway schedules by
+        # The work it holds, in seconds: what a gateway schedules by. Not rounded: a small job's seconds
+        # (a tiny image on a fast device) would round to none.
+        "held_s": device.held_s(),
         "models": [
             {
                 "model_id": spec.model_id,
