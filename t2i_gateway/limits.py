@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import math
 import time
@@ -24,10 +25,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from discovery import RegistrySettings
 from discovery.redis_registry import connect, redacted
+
+from .redis_line import RedisLine
 
 logger = logging.getLogger(__name__)
 
@@ -278,6 +281,7 @@ if ok then
 end
 return table.concat(reply, ' ')
 """
+_ADMIT_SHA = hashlib.sha1(_ADMIT.encode()).hexdigest()
 
 
 class RedisLimiter:
@@ -289,11 +293,11 @@ class RedisLimiter:
 
     def __init__(self, settings: RegistrySettings, *, hold_s: float) -> None:
         self.where = redacted(settings.location)
-        self.client = connect(settings)
+        self.client = connect(settings)  # usage and releases, in batches
+        self._line = RedisLine(settings)  # the admits: one round trip on each request's path, kept cheap
         self.fallbacks = 0  # admits decided by the local limiter, Redis being away
         self._prefix = f"{settings.prefix}:limits:"
         self._hold_s = hold_s
-        self._admit = self.client.register_script(_ADMIT)
         self._local = LocalLimiter()  # decides during an outage; counts this gateway's usage for the local view
         self._held: set[tuple[str, str]] = set()  # (tenant, ticket) admitted with a slot in Redis: in flight, so bounded
         # Not yet in Redis: tenant -> usage field -> amount (bounded by the tenants), and tenant -> tickets to
@@ -344,7 +348,7 @@ class RedisLimiter:
             keys.append(self._key(releasing, "concurrent"))
             args += [str(len(tickets)), *tickets]
         try:
-            reply = await self._admit(keys=keys, args=args)
+            reply = await self._run_admit(keys, args)
         except (RedisError, OSError) as error:  # TimeoutError included
             self._failed(error)
             self._unreleased(releases)
@@ -355,12 +359,21 @@ class RedisLimiter:
             self._release(tenant, ticket, quota)  # it may have taken a slot that no one will finish
             raise
         self._reached()
-        reply = reply.split()
         checks = [_Check(dim, lim, c, float(reply[2 + 2 * i]), reply[3 + 2 * i] == "1") for i, (dim, lim, c) in enumerate(priced)]
         verdict = _verdict(float(reply[0]), checks, reply[1] == "1", quota.concurrent)
         if verdict.allowed and quota.concurrent is not None:
             self._held.add((tenant, ticket))
         return verdict
+
+    async def _run_admit(self, keys: list[str], args: list[str]) -> list[str]:
+        """The script's reply, split in its fields."""
+        try:
+            reply = await self._line.call("EVALSHA", _ADMIT_SHA, len(keys), *keys, *args)
+        except ResponseError as error:
+            if not str(error).startswith("NOSCRIPT"):
+                raise
+            reply = await self._line.call("EVAL", _ADMIT, len(keys), *keys, *args)  # which caches it for EVALSHA
+        return str(reply).split()
 
     async def _fallback(self, tenant: str, quota: Quota, cost: Cost, ticket: str) -> Verdict:
         self.fallbacks += 1
@@ -474,4 +487,5 @@ class RedisLimiter:
         if self._flusher is not None:
             self._flusher.cancel()
             await asyncio.wait([self._flusher])
+        self._line.close()
         await self.client.aclose()

@@ -176,13 +176,16 @@ async def test_an_admit_is_one_round_trip(redis_server: RedisServer, limiters: C
     quota = Quota(requests_per_minute=100, images_per_minute=100, mpx_steps_per_minute=100.0, concurrent=5)
     await limiter.admit("a", quota, ONE, "t0")  # loads the script
     sent: list[object] = []
-    execute = limiter.client.execute_command
 
-    async def counted(*args: Any, **options: Any) -> Any:
-        sent.append(args[0])
-        return await execute(*args, **options)
+    def counted(call: Callable[..., Any]) -> Callable[..., Any]:
+        async def spy(*args: Any, **options: Any) -> Any:
+            sent.append(args[0])
+            return await call(*args, **options)
 
-    limiter.client.execute_command = counted  # type: ignore[method-assign]
+        return spy
+
+    limiter.client.execute_command = counted(limiter.client.execute_command)  # type: ignore[method-assign]
+    limiter._line.call = counted(limiter._line.call)  # type: ignore[method-assign]
     client = connect(RegistrySettings(redis_server.url))
     try:
         before = (await client.info("commandstats"))["cmdstat_evalsha"]["calls"]
