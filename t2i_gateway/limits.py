@@ -237,47 +237,50 @@ class LocalLimiter:
 # Check every per-minute limit and the concurrency set, on Redis's clock; take them all or nothing. First,
 # release the slots of this gateway's requests that ended since its last call (carried here: no round trip
 # of their own while requests keep coming).
-# KEYS: the concurrency set (member: ticket, score: when its slot expires), one TAT key per limit, then the
-#   concurrency sets to release tickets from.
-# ARGV: ticket, concurrency limit ("" = none), hold seconds, the number of limits n, "limit cost" for each
-#   TAT key in one string, then for each set to release from: the number of its tickets, and the tickets.
-# Returns one string: now, 1 if the concurrency limit denies, then per TAT key its TAT before and 1 if the
-# cost fits. (Few arguments and one reply: on every request, packing and parsing are what the client costs.)
+# KEYS: the concurrency set (member: ticket, score: when its slot expires), the tenant's TAT hash (field:
+#   dimension), then the concurrency sets to release tickets from.
+# ARGV: ticket, concurrency limit ("" = none), hold seconds, the number of limits n, then "dimension limit
+#   cost" for each, then for each set to release from: the number of its tickets, and the tickets.
+# Returns one string: now, 1 if the concurrency limit denies, then per limit its TAT before ('-': none) and
+# 1 if the cost fits. (One reply, and one read and one write of the TATs: this runs on every request's path.)
 _ADMIT = """
 local n = tonumber(ARGV[4])
-local spec = {}
-for number in string.gmatch(ARGV[5], '%S+') do spec[#spec + 1] = tonumber(number) end
-local a = 6
-for k = 2 + n, #KEYS do
+local a = 5 + 3 * n
+for k = 3, #KEYS do
   local count = tonumber(ARGV[a])
   redis.call('ZREM', KEYS[k], unpack(ARGV, a + 1, a + count))
   a = a + 1 + count
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
-local reply, ends, ok = {string.format('%.17g', now), '0'}, {}, true
+local reply, ok, last, fields = {string.format('%.17g', now), '0'}, true, now, {}
+for i = 1, n do fields[i] = ARGV[2 + 3 * i] end
+local tats = n > 0 and redis.call('HMGET', KEYS[2], unpack(fields)) or {}
+local written = {}
 for i = 1, n do
-  local limit, cost = spec[2 * i - 1], spec[2 * i]
-  local tat = tonumber(redis.call('GET', KEYS[1 + i])) or now
-  ends[i] = math.max(tat, now) + cost * (60 / math.max(limit, 1e-9))
-  local fits = ends[i] - now <= 60 + 1e-6
+  local limit, cost = tonumber(ARGV[3 + 3 * i]), tonumber(ARGV[4 + 3 * i])
+  local tat = tonumber(tats[i])
+  reply[#reply + 1] = tat and string.format('%.17g', tat) or '-'  -- not what is stored: anyone may have written that
+  tat = tat or now
+  local ends = math.max(tat, now) + cost * (60 / math.max(limit, 1e-9))
+  local fits = ends - now <= 60 + 1e-6
   ok = ok and fits
-  reply[#reply + 1] = string.format('%.17g', tat)
+  last = math.max(last, ends)
   reply[#reply + 1] = fits and '1' or '0'
+  written[#written + 1] = fields[i]
+  written[#written + 1] = string.format('%.17g', ends)
 end
 if ARGV[2] ~= '' then
-  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%.17g', now))
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', reply[1])
   if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then reply[2] = '1'; ok = false end
 end
-if ok then
-  for i = 1, n do
-    local ms = math.max(1, math.ceil((ends[i] - now) * 1000))  -- an idle tenant's TAT outlives its meaning by nothing
-    redis.call('SET', KEYS[1 + i], string.format('%.17g', ends[i]), 'PX', ms)
-  end
-  if ARGV[2] ~= '' then
-    redis.call('ZADD', KEYS[1], string.format('%.17g', now + tonumber(ARGV[3])), ARGV[1])
-    redis.call('PEXPIRE', KEYS[1], math.max(1, math.ceil(tonumber(ARGV[3]) * 1000)))
-  end
+if ok and n > 0 then
+  redis.call('HSET', KEYS[2], unpack(written))
+  redis.call('PEXPIRE', KEYS[2], math.max(1, math.ceil((last - now) * 1000)))  -- an idle tenant's TATs outlive their meaning by nothing
+end
+if ok and ARGV[2] ~= '' then
+  redis.call('ZADD', KEYS[1], string.format('%.17g', now + tonumber(ARGV[3])), ARGV[1])
+  redis.call('PEXPIRE', KEYS[1], math.max(1, math.ceil(tonumber(ARGV[3]) * 1000)))
 end
 return table.concat(reply, ' ')
 """
@@ -285,8 +288,8 @@ _ADMIT_SHA = hashlib.sha1(_ADMIT.encode()).hexdigest()
 
 
 class RedisLimiter:
-    """Limits shared by every gateway on one Redis, under ``<prefix>:limits:``: ``<tenant>:<dimension>``
-    (a TAT), ``<tenant>:concurrent`` (a sorted set of tickets), ``<tenant>:usage`` (a hash) and ``tenants``
+    """Limits shared by every gateway on one Redis, under ``<prefix>:limits:``: ``<tenant>:rates`` (a hash:
+    each limit's TAT), ``<tenant>:concurrent`` (a sorted set of tickets), ``<tenant>:usage`` (a hash) and ``tenants``
     (a set). Every suffix is free of ':', so no tenant name, whatever it holds, can reach another's keys.
 
     ``hold_s``: how long a slot outlives a gateway that died without finishing its request."""
@@ -297,7 +300,7 @@ class RedisLimiter:
         self._line = RedisLine(settings)  # the admits: one round trip on each request's path, kept cheap
         self.fallbacks = 0  # admits decided by the local limiter, Redis being away
         self._prefix = f"{settings.prefix}:limits:"
-        self._hold_s = hold_s
+        self._hold = repr(float(hold_s))
         self._local = LocalLimiter()  # decides during an outage; counts this gateway's usage for the local view
         self._held: set[tuple[str, str]] = set()  # (tenant, ticket) admitted with a slot in Redis: in flight, so bounded
         # Not yet in Redis: tenant -> usage field -> amount (bounded by the tenants), and tenant -> tickets to
@@ -340,9 +343,10 @@ class RedisLimiter:
             return Verdict(True, {})
         if self._away():
             return await self._fallback(tenant, quota, cost, ticket)
-        keys = [self._key(tenant, "concurrent")] + [self._key(tenant, dim) for dim, _, _ in priced]
-        args = [ticket, "" if quota.concurrent is None else str(quota.concurrent), repr(float(self._hold_s)), str(len(priced))]
-        args.append(" ".join(repr(number) for _, limit, amount in priced for number in (limit, amount)))
+        keys = [self._key(tenant, "concurrent"), self._key(tenant, "rates")]
+        args = [ticket, "" if quota.concurrent is None else str(quota.concurrent), self._hold, str(len(priced))]
+        for dim, limit, amount in priced:
+            args += [dim, repr(limit), repr(amount)]
         releases, self._releases = self._releases, {}
         for releasing, tickets in releases.items():
             keys.append(self._key(releasing, "concurrent"))
@@ -359,8 +363,12 @@ class RedisLimiter:
             self._release(tenant, ticket, quota)  # it may have taken a slot that no one will finish
             raise
         self._reached()
-        checks = [_Check(dim, lim, c, float(reply[2 + 2 * i]), reply[3 + 2 * i] == "1") for i, (dim, lim, c) in enumerate(priced)]
-        verdict = _verdict(float(reply[0]), checks, reply[1] == "1", quota.concurrent)
+        now = float(reply[0])
+        checks = [
+            _Check(dim, lim, c, now if reply[2 + 2 * i] == "-" else float(reply[2 + 2 * i]), reply[3 + 2 * i] == "1")
+            for i, (dim, lim, c) in enumerate(priced)
+        ]
+        verdict = _verdict(now, checks, reply[1] == "1", quota.concurrent)
         if verdict.allowed and quota.concurrent is not None:
             self._held.add((tenant, ticket))
         return verdict

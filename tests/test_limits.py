@@ -164,7 +164,7 @@ async def test_redis_a_burst_then_a_denial(redis_server: RedisServer, limiters: 
     assert denied.headers["Retry-After"] == "20" and 19_000 < int(denied.headers["retry-after-ms"]) <= 20_000
     client = connect(RegistrySettings(redis_server.url))
     try:  # an idle tenant's TAT goes once it means nothing
-        assert 59_000 < await client.pttl("t2i:limits:a:requests") <= 60_000
+        assert 59_000 < await client.pttl("t2i:limits:a:rates") <= 60_000
         assert await client.exists("t2i:limits:a:concurrent") == 0  # no concurrency limit, no set
     finally:
         await client.aclose()
