@@ -307,8 +307,11 @@ class RedisLimiter:
         # Redis a second: the other admits of an outage do not reach it).
         self._pending: dict[str, dict[str, float]] = {}
         self._releases: dict[str, set[str]] = {}
+        self._usage_due: float | None = None  # monotonic time by which the pending usage is to be written
+        self._releases_due: float | None = None  # and the pending releases
         self._flusher: asyncio.Task[None] | None = None
-        self._wake = asyncio.Event()
+        self._wake = asyncio.Event()  # a due time came nearer, or flushed() asks for a flush at once
+        self._flush_now = False
         self._lock = asyncio.Lock()  # a flush and a usage read: each sees a batch as either pending or in Redis
         self._problem: str | None = None
         self._down_at: float | None = None  # monotonic time of the last failed try; None: Redis is reachable
@@ -346,7 +349,7 @@ class RedisLimiter:
         args = [ticket, "" if quota.concurrent is None else str(quota.concurrent), self._hold, str(len(priced))]
         for dim, limit, amount in priced:
             args += [dim, repr(limit), repr(amount)]
-        releases, self._releases = self._releases, {}
+        releases, self._releases, self._releases_due = self._releases, {}, None
         for releasing, tickets in releases.items():
             keys.append(self._key(releasing, "concurrent"))
             args += [str(len(tickets)), *tickets]
@@ -389,14 +392,18 @@ class RedisLimiter:
     def _unreleased(self, releases: dict[str, set[str]]) -> None:
         """Releases that a failed admit carried: for the next call."""
         for tenant, tickets in releases.items():
-            self._releases.setdefault(tenant, set()).update(tickets)
-        if releases:
-            self._kick()
+            self._queue_release(tenant, tickets)
 
     def _release(self, tenant: str, ticket: str, quota: Quota) -> None:
         if quota.concurrent is not None:
-            self._releases.setdefault(tenant, set()).add(ticket)
-            self._kick()
+            self._queue_release(tenant, {ticket})
+
+    def _queue_release(self, tenant: str, tickets: set[str]) -> None:
+        self._releases.setdefault(tenant, set()).update(tickets)
+        if self._releases_due is None:
+            self._releases_due = time.monotonic() + RELEASE_S
+            self._wake.set()  # the flusher may be waiting for the usage, due later
+        self._kick()
 
     def _kick(self) -> None:
         if self._flusher is None or self._flusher.done():
@@ -406,22 +413,33 @@ class RedisLimiter:
         try:
             self._local.finish(tenant, ticket, usage)  # releases a slot taken locally, and counts the local view
             _add(self._pending.setdefault(tenant, {}), _fields(usage))
+            if self._usage_due is None:
+                self._usage_due = time.monotonic() + FLUSH_S
             if (tenant, ticket) in self._held:
                 self._held.discard((tenant, ticket))
-                self._releases.setdefault(tenant, set()).add(ticket)
+                self._queue_release(tenant, {ticket})
             self._kick()
         except Exception:  # callers settle a response with it: never let it fail one
             logger.exception("limits: could not record usage of %r", tenant)
 
+    def _due(self) -> float:
+        """When the flusher is to write next: the earliest due time, or the next try of a Redis away."""
+        if self._down_at is not None:
+            return self._down_at + RETRY_S
+        return min((due for due in (self._usage_due, self._releases_due) if due is not None), default=time.monotonic())
+
     async def _flush_loop(self) -> None:
-        """Write what is pending, a little later: one write carries many requests' usage. Released slots go
-        sooner (another gateway may be waiting for one), unless an admit carries them first."""
+        """Write what is pending a little later, so that one write carries many requests' usage: usage at most
+        FLUSH_S after its request ended, released slots within RELEASE_S (another gateway may be waiting for
+        one), unless an admit carried them sooner; flushed() asks for everything at once."""
         while self._pending or self._releases:
-            delay = RETRY_S if self._down_at is not None else RELEASE_S if self._releases else FLUSH_S
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):
-                    await self._wake.wait()  # flushed(): at once
-            self._wake.clear()
+            if not self._flush_now and (wait_s := self._due() - time.monotonic()) > 0:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait_s):
+                        await self._wake.wait()
+                continue
+            self._flush_now = False
             try:
                 await self._flush()
             except (RedisError, OSError) as error:
@@ -431,8 +449,8 @@ class RedisLimiter:
 
     async def _flush(self) -> None:
         async with self._lock:
-            pending, self._pending = self._pending, {}
-            releases, self._releases = self._releases, {}
+            pending, self._pending, self._usage_due = self._pending, {}, None
+            releases, self._releases, self._releases_due = self._releases, {}, None
             try:
                 # MULTI/EXEC: a flush that fails before EXEC applied nothing, and is retried whole.
                 pipe = self.client.pipeline(transaction=True)
@@ -446,11 +464,14 @@ class RedisLimiter:
                 for tenant, tickets in releases.items():
                     pipe.zrem(self._key(tenant, "concurrent"), *tickets)
                 results = await pipe.execute(raise_on_error=False)
-            except BaseException:  # cancellation included: kept for the next try
+            except BaseException:  # cancellation included: kept for the next try, due at once
                 for tenant, fields in pending.items():
                     _add(self._pending.setdefault(tenant, {}), fields)
                 for tenant, tickets in releases.items():
                     self._releases.setdefault(tenant, set()).update(tickets)
+                now = time.monotonic()
+                self._usage_due = now if pending else self._usage_due
+                self._releases_due = now if releases else self._releases_due
                 raise
         # A command Redis refused (a key of another type, written by someone else) would be refused again.
         for result in results:
@@ -460,6 +481,7 @@ class RedisLimiter:
     async def flushed(self) -> None:
         """Returns once the usage finished so far is in Redis (during an outage: once Redis is back)."""
         while self._flusher is not None and not self._flusher.done():
+            self._flush_now = True
             self._wake.set()
             await asyncio.wait([self._flusher])
 

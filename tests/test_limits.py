@@ -12,6 +12,7 @@ import pytest
 
 from discovery import RegistrySettings
 from discovery.redis_registry import connect
+from t2i_gateway import limits
 from t2i_gateway.limits import Cost, LocalLimiter, Quota, RedisLimiter, Usage, Verdict, duration
 
 from .services import RedisServer
@@ -217,6 +218,24 @@ async def test_concurrency_across_gateways_is_held_until_finish(limiters: Callab
     await a.flushed()
     assert (await b.admit("t", quota, ONE, "r3")).allowed
     assert not (await a.admit("t", quota, ONE, "r4")).allowed  # r2 and r3 hold both
+
+
+async def test_a_released_slot_goes_to_redis_without_waiting_for_the_usage_batch(
+    redis_server: RedisServer, limiters: Callable[..., RedisLimiter], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(limits, "FLUSH_S", 3600.0)  # usage alone would wait an hour for its batch; a slot may not
+    a = limiters()
+    a.finish("t", "", Usage(401, 0, 0.0, 0.0))  # usage alone: the writer waits
+    assert (await a.admit("t", Quota(concurrent=1), ONE, "r1")).allowed
+    a.finish("t", "r1", Usage(200, 1, 1.0, 1.0))  # and no admit follows to carry its release
+    client = connect(RegistrySettings(redis_server.url))
+    try:
+        while await client.zcard("t2i:limits:t:concurrent"):  # each look is a round trip: the writer runs
+            pass
+        usage = {"requests:401": "1", "requests:200": "1", "images": "1", "megapixel_steps": "1", "generation_seconds": "1"}
+        assert await client.hgetall("t2i:limits:t:usage") == usage  # in the same write
+    finally:
+        await client.aclose()
 
 
 async def test_a_dead_gateways_slot_is_held_for_hold_s_only(limiters: Callable[..., RedisLimiter]) -> None:
