@@ -29,7 +29,7 @@ key (``Authorization: Bearer``), which the other paths ignore.
 
 The keys on/off difference is a fraction of a millisecond, while back-to-back cells on a shared machine
 drift by as much: so after the table, the two gateways are measured again in ``--pairs`` alternating
-slices of 1 s (or ``--seconds``, if shorter) at the lowest number of clients, and the goal is judged on
+slices of 1 s (or ``--seconds``, if shorter, with the aiohttp load) at the lowest number of clients, and the goal is judged on
 the median of the pairs' differences (each pair's two slices are seconds apart). The difference of the
 table's cells is printed beside it.
 """
@@ -323,14 +323,10 @@ async def measure(
                 if key in processes:
                     cells[(key, count)] = await load(key, count, args.seconds, warmup)
         pairs: list[Pair] = []
+        args.slice_s = 1.0 if wrk else min(1.0, args.seconds)  # wrk's durations are whole seconds
         if "keys" in processes:
             for _ in range(args.pairs):  # warm already
-                pairs.append(
-                    (
-                        await load("gateway", clients[0], min(1.0, args.seconds), 0),
-                        await load("keys", clients[0], min(1.0, args.seconds), 0),
-                    )
-                )
+                pairs.append((await load("gateway", clients[0], args.slice_s, 0), await load("keys", clients[0], args.slice_s, 0)))
         args.generator = "wrk (1 thread)" if wrk else "aiohttp (in the bench process)"
         return cells, pairs, "\n".join(notes) or None
     finally:
@@ -380,7 +376,7 @@ def report(cells: dict[tuple[str, int], Cell], pairs: list[Pair], note: str | No
         cells_keys = 1000 * (cells[("keys", low)].percentile(50) - cells[("gateway", low)].percentile(50))
         lines[-1] += f"; keys on p50 - keys off p50 @ {low}: {keys:+.3f} ms (goal <= +{GOAL_KEYS_MS} ms: {verdict(keys <= GOAL_KEYS_MS)})"
         lines.append(
-            f"keys on p50 - keys off p50 @ {low}, {len(pairs)} alternating pairs of {min(1.0, args.seconds):g} s: "
+            f"keys on p50 - keys off p50 @ {low}, {len(pairs)} alternating pairs of {args.slice_s:g} s: "
             f"{', '.join(f'{d:+.3f}' for d in differences)} ms, median {keys:+.3f} ms; in the table's cells: {cells_keys:+.3f} ms"
         )
     return "\n".join(lines)

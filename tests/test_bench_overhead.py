@@ -24,7 +24,7 @@ def row_figures(lines: list[str], prefix: str) -> list[float]:
 
 
 def test_the_gateway_overhead_bench_prints_every_row_and_the_summary() -> None:
-    lines = run_bench("bench.gateway_overhead", "--seconds", "0.5", timeout=90)
+    lines = run_bench("bench.gateway_overhead", "--seconds", "0.5", "--pairs", "3", timeout=90)
     paths = ["direct (fake node)", "minimal aiohttp proxy", "gateway"]
     if not any(line.startswith("nginx proxy_pass: skipped") for line in lines):
         paths.append("nginx proxy_pass")
@@ -43,6 +43,10 @@ def test_the_gateway_overhead_bench_prints_every_row_and_the_summary() -> None:
     assert math.isfinite(float(match.group(1))) and float(match.group(3)) > 0
     keys = re.search(rf"keys on p50 - keys off p50 @ 1: ({NUMBER}) ms \(goal <= \+0.3 ms: (met|MISSED)\)", summary)
     assert keys and math.isfinite(float(keys.group(1))), summary
+    [pairs] = [line for line in lines if line.startswith("keys on p50 - keys off p50 @ 1, 3 alternating pairs of ")]
+    differences = re.search(rf": ({NUMBER}), ({NUMBER}), ({NUMBER}) ms, median ({NUMBER}) ms; in the table's cells: ({NUMBER}) ms$", pairs)
+    assert differences, pairs
+    assert sorted(float(d) for d in differences.group(1, 2, 3))[1] == float(differences.group(4)) == float(keys.group(1))
 
 
 def test_the_end_to_end_bench_prints_every_row_and_the_summary() -> None:
