@@ -32,15 +32,22 @@ class _Connection(asyncio.Protocol):
         self._waiting: collections.deque[tuple[float, asyncio.Future[Any]]] = collections.deque()  # (sent at, reply)
         self._transport: asyncio.Transport | None = None
         self._watchdog: asyncio.TimerHandle | None = None  # one timer for all, not one per command: cheaper
-        self.closed = False
+        self._error: Exception | None = None  # why it closed
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport's subclasses
+
+    @property
+    def closed(self) -> bool:
+        return self._error is not None
 
     def send(self, command: bytes) -> asyncio.Future[Any]:
         assert self._transport is not None
         loop = asyncio.get_running_loop()
         reply = loop.create_future()
+        if self._error is not None:  # no reply would ever come
+            reply.set_exception(self._error)
+            return reply
         self._waiting.append((loop.time(), reply))
         self._transport.write(command)
         if self._watchdog is None:
@@ -49,7 +56,7 @@ class _Connection(asyncio.Protocol):
 
     def _watch(self) -> None:
         self._watchdog = None
-        if self._waiting and not self.closed:
+        if self._waiting and self._error is None:
             sent_at = self._waiting[0][0]
             loop = asyncio.get_running_loop()
             if loop.time() - sent_at >= TIMEOUT_S:
@@ -72,7 +79,7 @@ class _Connection(asyncio.Protocol):
 
     def close(self, error: Exception) -> None:
         """Fail every caller still waiting: the replies that would match them can no longer be told apart."""
-        self.closed = True
+        self._error = self._error or error
         while self._waiting:
             _, waiting = self._waiting.popleft()
             if not waiting.done():
