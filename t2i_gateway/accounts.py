@@ -109,13 +109,12 @@ async def tenant_middleware(request: web.Request, handler: Handler) -> web.Strea
         _settle(request, tenant, status)
 
 
-async def charge(request: web.Request, job: TextToImageRequest, model_id: str) -> None:
+async def charge(request: web.Request, job: TextToImageRequest, demand: Demand, model_id: str) -> None:
     """Admit ``job`` against its key's models and limits, or raise the 403, 400 or 429 that says why not."""
     tenant = request[TENANT]
     if not tenant.may_use(model_id):
         allowed = ", ".join(sorted(tenant.models or ())) or "none"
         raise Forbidden(f"Key {tenant.name!r} may not use model {model_id!r}; it may use: {allowed}.")
-    demand = Demand.of(job)
     cost = Cost(job.num_images_per_prompt, demand.megapixels * (demand.steps or request.app[POOL].default_steps(model_id)))
     ticket = uuid.uuid4().hex
     headers: dict[str, str] = {}

@@ -169,6 +169,7 @@ async def text_to_image(request: web.Request) -> web.StreamResponse:
 class Job:
     request: TextToImageRequest
     forward: dict[str, Any]  # the Livepeer fields sent to the node
+    demand: Demand  # its size, for scheduling and for its key's charge
 
 
 async def admit(request: web.Request, parse: Callable[[dict[str, Any]], TextToImageRequest]) -> tuple[Job, str]:
@@ -188,7 +189,7 @@ async def admit(request: web.Request, parse: Callable[[dict[str, Any]], TextToIm
         except TimeoutError:
             raise RequestTimeout(f"The request body did not arrive within {config.body_timeout_s:g} s; send it at once.") from None
         job, model_id = _admit(request, parse, body)
-        await accounts.charge(request, job.request, model_id)
+        await accounts.charge(request, job.request, job.demand, model_id)
         return job, model_id
     except APIError as error:
         # Refused before any attempt: counted too (the error-ratio alert needs these).
@@ -211,14 +212,13 @@ def _admit(request: web.Request, parse: Callable[[dict[str, Any]], TextToImageRe
             f"Every orchestrator that serves {model_id!r} is busy, suspended or down; retry later.",
             retry_after=retry_after_s(pool.healthy()),
         )
-    return Job(job, {**to_body(job), "model_id": model_id}), model_id
+    return Job(job, {**to_body(job), "model_id": model_id}, Demand.of(job)), model_id
 
 
 async def dispatch(request: web.Request, trace: _Trace, job: Job, model_id: str, notify: Notify | None) -> dict[str, Any]:
     """Run an admitted job on the network: the Livepeer result body, or an APIError."""
     wanted = job.request
-    demand = Demand.of(wanted)
-    return await _observed(request, trace, wanted.prompt, model_id, job.forward, Expected.of(wanted), demand, notify)
+    return await _observed(request, trace, wanted.prompt, model_id, job.forward, Expected.of(wanted), job.demand, notify)
 
 
 async def _observed(
@@ -285,10 +285,10 @@ async def _generate(
     tried: set[str] = set()
     last: AttemptResult | None = None
     out_of_memory = 0  # attempts a node could not hold
+    tenant = request[TENANT]
     while trace.attempts < config.max_attempts:
-        # Every suitable node full: wait for the first free slot, in arrival order (--queue-timeout).
+        # Every suitable node full: wait for a free slot, in turn with other keys' requests (--queue-timeout).
         wait_s = min(config.queue_timeout_s, deadline - time.monotonic())
-        tenant = request[TENANT]
         node = await pool.acquire(
             model_id, tried, timeout_s=max(0.0, wait_s), notify=notify, demand=demand, tenant=tenant.name, weight=tenant.weight
         )
