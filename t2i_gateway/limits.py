@@ -259,6 +259,9 @@ local written = {}
 for i = 1, n do
   local limit, cost = tonumber(ARGV[3 + 3 * i]), tonumber(ARGV[4 + 3 * i])
   local tat = tonumber(tats[i])
+  if tat ~= tat then tat = nil end  -- NaN: not a time
+  -- No TAT of ours is ever more than a minute ahead: one written by anyone else counts as a minute's worth at most.
+  if tat then tat = math.min(tat, now + 60 + 1e-6) end
   reply[#reply + 1] = tat and string.format('%.17g', tat) or '-'  -- not what is stored: anyone may have written that
   tat = tat or now
   local ends = math.max(tat, now) + cost * (60 / math.max(limit, 1e-9))

@@ -238,6 +238,29 @@ async def test_a_released_slot_goes_to_redis_without_waiting_for_the_usage_batch
         await client.aclose()
 
 
+async def test_a_limit_written_into_redis_by_someone_else_counts_as_a_minutes_worth_at_most(
+    redis_server: RedisServer, limiters: Callable[..., RedisLimiter]
+) -> None:
+    limiter = limiters()
+    quota = Quota(requests_per_minute=10)
+    client = connect(RegistrySettings(redis_server.url))
+    try:
+        for far in ("1e999", "1e300"):  # far ahead: the key has used a minute's worth, no more
+            await client.hset("t2i:limits:t:rates", "requests", far)
+            denied = await limiter.admit("t", quota, ONE, "r")
+            assert (denied.allowed, denied.headers["x-ratelimit-reset-requests"], denied.headers["retry-after-ms"]) == (
+                False,
+                "1m0s",
+                "6000",
+            )
+        for nonsense in ("nan", "-1e999", "not a time"):  # none at all
+            await client.hset("t2i:limits:t:rates", "requests", nonsense)
+            allowed = await limiter.admit("t", quota, ONE, "r")
+            assert (allowed.allowed, allowed.headers["x-ratelimit-remaining-requests"]) == (True, "9")
+    finally:
+        await client.aclose()
+
+
 async def test_a_dead_gateways_slot_is_held_for_hold_s_only(limiters: Callable[..., RedisLimiter]) -> None:
     dead, live = limiters(hold_s=0.0), limiters()
     quota = Quota(concurrent=1)
