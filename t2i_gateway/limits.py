@@ -171,13 +171,15 @@ def _add(into: dict[str, float], fields: dict[str, float]) -> None:
 
 
 def _numbers(fields: dict[str, str]) -> dict[str, float]:
-    """A usage hash as read; a field that is not a number (not ours) is left out."""
+    """A usage hash as read; a field that is not a finite number (not ours) is left out."""
     numbers = {}
     for name, text in fields.items():
         try:
-            numbers[name] = float(text)
+            number = float(text)
         except ValueError:
-            pass
+            continue
+        if math.isfinite(number):
+            numbers[name] = number
     return numbers
 
 

@@ -288,6 +288,20 @@ async def test_usage_is_summed_across_gateways(limiters: Callable[..., RedisLimi
     assert (await b.usage())["u"]["requests"] == {"401": 2}
 
 
+async def test_usage_that_someone_else_wrote_into_redis_is_left_out_when_not_a_number(
+    redis_server: RedisServer, limiters: Callable[..., RedisLimiter]
+) -> None:
+    limiter = limiters()
+    limiter.finish("t", "", Usage(200, 1, 0.5, 1.0))
+    await limiter.flushed()
+    client = connect(RegistrySettings(redis_server.url))
+    try:
+        await client.hset("t2i:limits:t:usage", mapping={"requests:500": "inf", "images:x": "nan", "generation_seconds": "-1e999"})
+    finally:
+        await client.aclose()
+    assert await limiter.usage() == {"t": {"requests": {"200": 1}, "images": 1, "megapixel_steps": 0.5, "generation_seconds": 0.0}}
+
+
 async def test_an_outage_is_limited_locally_and_its_usage_reaches_redis_when_it_is_back(
     redis_server: RedisServer, limiters: Callable[..., RedisLimiter]
 ) -> None:
